@@ -1,0 +1,156 @@
+"""Configuration of GRIN-MoE (and of Phi-3.5-MoE, which shares its architecture)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+ROUTER_TYPES = ("sparsemixer_v2", "softmax_topk")
+
+# The released microsoft/GRIN-MoE config.json points AutoConfig/AutoModelForCausalLM at Hub remote-code files with
+# these module names. Our registered classes replace them, so the entries are dropped instead of saved back.
+_RELEASED_REMOTE_MODULES = ("configuration_grinmoe.", "modeling_grinmoe.")
+
+
+def _require(condition: bool, field: str, allowed: str, value) -> None:
+    if not condition:
+        raise ValueError(f"`{field}` must be {allowed}, got {value!r}")
+
+
+def validate_moe_fields(config) -> None:
+    """Range checks shared by every config of this package (GRIN-MoE and MH-MoE)."""
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = getattr(config, field)
+        _require(value >= 1, field, "a positive integer", value)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    _require(1 <= kv_heads <= heads and heads % kv_heads == 0, "num_key_value_heads",
+             f"a divisor of num_attention_heads ({heads})", kv_heads)
+    if config.head_dim is None:
+        _require(config.hidden_size % heads == 0, "hidden_size",
+                 f"divisible by num_attention_heads ({heads}) when head_dim is not set", config.hidden_size)
+    else:
+        _require(config.head_dim >= 1 and config.head_dim % 2 == 0, "head_dim", "a positive even integer",
+                 config.head_dim)
+    _require(config.num_local_experts >= 1, "num_local_experts", "a positive integer", config.num_local_experts)
+    _require(1 <= config.num_experts_per_tok <= config.num_local_experts, "num_experts_per_tok",
+             f"in 1..num_local_experts (1..{config.num_local_experts})", config.num_experts_per_tok)
+    _require(config.router_type in ROUTER_TYPES, "router_type", f"one of {ROUTER_TYPES}", config.router_type)
+    _require(config.router_jitter_noise >= 0, "router_jitter_noise", "non-negative", config.router_jitter_noise)
+    _require(0 <= config.input_jitter_noise < 1, "input_jitter_noise", "in [0, 1)", config.input_jitter_noise)
+    _require(config.router_aux_loss_coef >= 0, "router_aux_loss_coef", "non-negative", config.router_aux_loss_coef)
+    _require(0 <= config.attention_dropout < 1, "attention_dropout", "in [0, 1)", config.attention_dropout)
+    _require(config.rms_norm_eps > 0, "rms_norm_eps", "positive", config.rms_norm_eps)
+    _require(config.max_position_embeddings >= 1, "max_position_embeddings", "a positive integer",
+             config.max_position_embeddings)
+    _require(config.sliding_window is None or config.sliding_window >= 1, "sliding_window",
+             "None or a positive integer", config.sliding_window)
+    _require(config.hidden_act in ACT2FN, "hidden_act", "an activation name known to transformers", config.hidden_act)
+
+
+def validate_longrope(config) -> None:
+    """Phi-3.5-MoE's longrope carries its own attention scales, which the rotary embedding reads."""
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "longrope":
+        return
+    for key in ("short_mscale", "long_mscale"):
+        _require(isinstance(rope.get(key), (int, float)), f"rope_parameters['{key}']", "a number for longrope",
+                 rope.get(key))
+
+
+def drop_released_auto_map(kwargs: dict) -> None:
+    """Remove `auto_map` entries that name the released checkpoint's remote-code files (see module note)."""
+    auto_map = kwargs.get("auto_map")
+    if not isinstance(auto_map, dict):
+        return
+    kept = {
+        auto_class: reference
+        for auto_class, reference in auto_map.items()
+        if not str(reference).split("--")[-1].startswith(_RELEASED_REMOTE_MODULES)
+    }
+    if kept:
+        kwargs["auto_map"] = kept
+    else:
+        del kwargs["auto_map"]
+
+
+@strict
+class GrinMoeConfig(PreTrainedConfig):
+    r"""
+    Configuration of a GRIN-MoE model. Defaults reproduce the released `microsoft/GRIN-MoE` (16x3.8B, top-2), and the
+    released `config.json` (including its old-style top-level `rope_theta` and its `auto_map`) loads unchanged. Field
+    names follow transformers' `PhimoeConfig`, so a Phi-3.5-MoE config (`rope_scaling` of type `longrope`) reads too.
+
+    GRIN-specific notes:
+        - `rms_norm_eps` is the epsilon of the LayerNorms (GRIN uses LayerNorm with bias, not RMSNorm).
+        - `router_jitter_noise` is SparseMixer-v2's `jitter_eps`: experts whose logit is more than
+          `2 * router_jitter_noise` (relative) below the best remaining one are masked out of the softmax.
+        - `input_jitter_noise` multiplies the MoE input by U(1 - eps, 1 + eps) noise in training, once.
+
+    Args:
+        router_type (`str`, defaults to `"sparsemixer_v2"`):
+            `"sparsemixer_v2"` (GRIN's gradient-informed router) or `"softmax_topk"` (GShard/Mixtral style).
+        router_renormalize (`bool`, defaults to `True`):
+            Only for `softmax_topk`: renormalise the top-k softmax weights to sum to one (Mixtral) or not (GShard).
+        head_dim (`int`, *optional*):
+            Attention head size; defaults to `hidden_size // num_attention_heads`.
+    """
+
+    model_type = "grinmoe"
+    keys_to_ignore_at_inference = ["past_key_values", "router_logits"]
+    default_theta = 10000.0
+    attribute_map = {"num_experts": "num_local_experts"}
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
+
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 6400
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 8
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 32000
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    sliding_window: int | None = 2047
+    attention_dropout: float | int = 0.0
+    attention_bias: bool = True
+    lm_head_bias: bool = True
+    num_local_experts: int = 16
+    num_experts_per_tok: int = 2
+    router_type: str = "sparsemixer_v2"
+    router_renormalize: bool = True
+    router_jitter_noise: float | int = 0.01
+    input_jitter_noise: float | int = 0.01
+    output_router_logits: bool = False
+    router_aux_loss_coef: float | int = 0.001
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        drop_released_auto_map(kwargs)
+        validate_moe_fields(self)
+        super().__post_init__(**kwargs)
+        validate_longrope(self)
+
+
+__all__ = ["GrinMoeConfig"]

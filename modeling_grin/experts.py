@@ -1,0 +1,44 @@
+"""SwiGLU experts stored as 3-D parameters, so that every transformers experts implementation applies to them."""
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+
+
+@use_experts_implementation
+class GrinMoeExperts(nn.Module):
+    """`num_local_experts` SwiGLU experts: y = down(act(gate(x)) * up(x)).
+
+    Parameters (the layout of transformers' Mixtral/Phimoe experts):
+        gate_up_proj `[E, 2 * I, H]`: the gate rows (GRIN's `w1`) then the up rows (`w3`);
+        down_proj `[E, H, I]` (GRIN's `w2`).
+    `input_size` defaults to `hidden_size`; MH-MoE passes the sub-token size.
+
+    The forward below is the `eager` implementation, the readable reference every faster one is tested against.
+    """
+
+    def __init__(self, config, input_size: int | None = None):
+        super().__init__()
+        self.num_experts = config.num_local_experts
+        self.hidden_dim = input_size or config.hidden_size
+        self.intermediate_dim = config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden_states `[T, H]`, top_k_index and top_k_weights `[T, k]` -> `sum_k weight_k * expert_k(x)`, `[T, H]`."""
+        output = torch.zeros_like(hidden_states)
+        # unbind gives per-expert views whose backward is cheaper than indexing the 3-D parameter in the loop
+        for expert, (gate_up_proj, down_proj) in enumerate(zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))):
+            token_index, slot = torch.where(top_k_index == expert)
+            if token_index.numel() == 0:
+                continue
+            gate, up = nn.functional.linear(hidden_states[token_index], gate_up_proj).chunk(2, dim=-1)
+            expert_output = nn.functional.linear(self.act_fn(gate) * up, down_proj)
+            expert_output = expert_output * top_k_weights[token_index, slot, None]
+            output.index_add_(0, token_index, expert_output.to(output.dtype))
+        return output
