@@ -1,0 +1,55 @@
+"""The embedded default corpus (Python's own standard-library sources) and a tokenizer trained on it on the fly.
+
+Every Python installation ships these files, so the demo and the tests need no download.
+"""
+
+import sysconfig
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+# A fixed, ordered list keeps the corpus identical from run to run; modules missing from a trimmed Python are skipped.
+CORPUS_MODULES = (
+    "textwrap.py", "string.py", "heapq.py", "bisect.py", "functools.py", "fractions.py", "statistics.py",
+    "shlex.py", "csv.py", "pprint.py", "calendar.py", "random.py", "difflib.py", "dataclasses.py", "enum.py",
+    "argparse.py", "json/decoder.py", "json/encoder.py", "collections/__init__.py", "pathlib.py", "inspect.py",
+)
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def embedded_corpus() -> list[str]:
+    """The texts of the corpus, one string per source file, in a fixed order."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text(encoding="utf-8") for name in CORPUS_MODULES if (stdlib / name).is_file()]
+    if not texts:
+        raise FileNotFoundError(f"no standard-library sources found under {stdlib} for the embedded corpus")
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes, nothing is unknown) with pad=0, bos=1, eos=2, unk=3."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def token_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_size: int) -> torch.Tensor:
+    """All texts tokenized, each followed by eos, concatenated and cut into `[num_blocks, block_size]`."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    num_blocks = len(ids) // block_size
+    if num_blocks == 0:
+        raise ValueError(f"the corpus has {len(ids)} tokens, fewer than one block of {block_size}")
+    return torch.tensor(ids[: num_blocks * block_size]).view(num_blocks, block_size)

@@ -1,0 +1,33 @@
+"""Model presets: folders holding a `config.json`, shipped in `configuration/` (inside the wheel when installed)."""
+
+from pathlib import Path
+
+from transformers import AutoConfig, PretrainedConfig
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def presets_root() -> Path:
+    """`modeling_grin/configuration` in an installed wheel, the top-level `configuration/` in a checkout."""
+    for candidate in (_PACKAGE_DIR / "configuration", _PACKAGE_DIR.parent / "configuration"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("modeling_grin's `configuration/` folder is missing from this installation")
+
+
+def list_presets() -> list[str]:
+    return sorted(path.parent.name for path in presets_root().glob("*/config.json"))
+
+
+def preset_path(name: str) -> Path:
+    path = presets_root() / name
+    if not (path / "config.json").is_file():
+        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(list_presets())}")
+    return path
+
+
+def load_preset(name: str, **overrides) -> PretrainedConfig:
+    """The config of preset `name` (e.g. `"grin-moe"`, `"grin-moe-tiny"`), with fields replaced by `overrides`."""
+    import modeling_grin  # noqa: F401  (registers the model types with AutoConfig)
+
+    return AutoConfig.from_pretrained(preset_path(name), **overrides)
