@@ -149,6 +149,10 @@ class GrinMoeConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         drop_released_auto_map(kwargs)
         validate_moe_fields(self)
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        # Phi-3.5-MoE's longrope scales are read by our rotary embedding, not by transformers' generic validation.
+        self.ignore_keys_at_rope_validation = {"short_mscale", "long_mscale"}
         super().__post_init__(**kwargs)
         validate_longrope(self)
 

@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+from conftest import RELEASED_GRIN_CONFIG, tiny_config
+from transformers import AutoConfig
+
+from modeling_grin import GrinMoeConfig
+from modeling_grin.presets import list_presets, load_preset, preset_path
+
+
+def test_released_config_loads_unchanged_without_remote_code(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_GRIN_CONFIG))
+    config = AutoConfig.from_pretrained(tmp_path)  # no trust_remote_code although auto_map names remote files
+    assert type(config) is GrinMoeConfig
+    assert config.rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert config.sliding_window == 2047 and config.attention_bias and config.lm_head_bias
+    assert config.num_local_experts == 16 and config.num_experts_per_tok == 2
+    assert config.router_jitter_noise == 0.01 and config.input_jitter_noise == 0.01
+    assert config.dtype == torch.bfloat16
+    assert not hasattr(config, "auto_map")
+
+
+def test_resaving_drops_the_stale_auto_map_and_round_trips(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_GRIN_CONFIG))
+    config = AutoConfig.from_pretrained(tmp_path)
+    config.save_pretrained(tmp_path / "resaved")
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert "auto_map" not in saved and saved["model_type"] == "grinmoe"
+    reloaded = AutoConfig.from_pretrained(tmp_path / "resaved").to_dict()
+    assert {k: v for k, v in reloaded.items() if k != "_name_or_path"} == {
+        k: v for k, v in config.to_dict().items() if k != "_name_or_path"
+    }
+
+
+def test_auto_map_of_our_own_remote_code_is_kept():
+    auto_map = {"AutoConfig": "configuration_grin_moe.GrinMoeConfig"}
+    assert GrinMoeConfig(auto_map=auto_map).auto_map == auto_map
+
+
+def test_defaults_are_the_released_architecture():
+    config = GrinMoeConfig()
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 6400, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.vocab_size) == (32, 8, 32064)
+    assert config.rope_parameters["rope_theta"] == 10000.0 and config.router_type == "sparsemixer_v2"
+
+
+def test_phi35_longrope_config_reads():
+    half_head = 4  # head_dim 8 -> 4 rotary frequencies
+    config = tiny_config(
+        max_position_embeddings=128,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3][:half_head],
+            "long_factor": [1.5, 2.0, 3.0, 4.0][:half_head],
+            "short_mscale": 1.1,
+            "long_mscale": 1.243163121016122,
+            "original_max_position_embeddings": 16,
+        },
+    )
+    assert config.rope_parameters["rope_type"] == "longrope"
+    assert config.rope_parameters["original_max_position_embeddings"] == 16
+    with pytest.raises(ValueError, match="long_mscale"):
+        tiny_config(rope_scaling={"type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                                  "short_mscale": 1.0, "original_max_position_embeddings": 16})
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
+        ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
+        ({"num_local_experts": 0}, "num_local_experts"),
+        ({"hidden_size": 30}, "hidden_size"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"num_key_value_heads": 8}, "num_key_value_heads"),
+        ({"router_jitter_noise": -0.1}, "router_jitter_noise"),
+        ({"input_jitter_noise": -0.01}, "input_jitter_noise"),
+        ({"input_jitter_noise": 1.0}, "input_jitter_noise"),
+        ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef"),
+        ({"router_type": "expert_choice"}, "router_type"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
+        ({"hidden_act": "not_an_activation"}, "hidden_act"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"head_dim": 7}, "head_dim"),
+    ],
+)
+def test_invalid_fields_raise_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        tiny_config(**overrides)
+
+
+def test_head_dim_may_differ_from_hidden_over_heads():
+    assert tiny_config(hidden_size=30, head_dim=8).head_dim == 8
+
+
+def test_presets_resolve_and_build_configs():
+    assert {"grin-moe", "grin-moe-tiny"} <= set(list_presets())
+    released = load_preset("grin-moe")
+    assert type(released) is GrinMoeConfig and released.num_local_experts == 16
+    assert load_preset("grin-moe-tiny", num_hidden_layers=1).num_hidden_layers == 1
+    with pytest.raises(ValueError, match="available presets"):
+        preset_path("no-such-preset")

@@ -1,0 +1,186 @@
+import pytest
+import torch
+from transformers.models.phimoe import modeling_phimoe
+
+from modeling_grin import sparsemixer as sm
+from modeling_grin.sparsemixer import softmax_topk, sparsemixer_v2
+
+
+def logits_with_ties(tokens=512, experts=8, seed=0):
+    """Coarse random logits: exact ties, near-ties inside the 2 * eps mask and clear winners all occur often."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=generator)
+    coarse = (logits * 4).round() / 4
+    near = coarse + 1e-3 * torch.randn(tokens, experts, generator=generator)
+    return torch.cat([logits, coarse, near, -coarse.abs(), torch.zeros(4, experts)])
+
+
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.1, 0.5])
+def test_eval_top2_is_bit_exact_with_transformers_sparsemixer(jitter_eps):
+    logits = logits_with_ties()
+    reference_weights, reference_indices = modeling_phimoe.sparsemixer(logits, jitter_eps, training=False)
+    weights, indices = sparsemixer_v2(logits, 2, jitter_eps, training=False)
+    assert torch.equal(indices, reference_indices)
+    assert torch.equal(weights, reference_weights)
+    # The data has both partial weights (ties, near-ties) and weights of exactly 1.
+    assert (weights < 1).any() and (weights == 1).any()
+
+
+class QueuedNoise:
+    """Feeds the same Exp(1) and U(0, 1) draws to the reference and to our implementation."""
+
+    def __init__(self, tokens, experts, top_k, seed):
+        generator = torch.Generator().manual_seed(seed)
+        self.exponential = [torch.empty(tokens, experts).exponential_(generator=generator) for _ in range(top_k)]
+        self.uniform = [torch.rand(tokens, 1, generator=generator) for _ in range(top_k)]
+
+    def patch_reference(self, monkeypatch):
+        exponential, uniform = list(self.exponential), list(self.uniform)
+        monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.copy_(exponential.pop(0)))
+        monkeypatch.setattr(torch, "rand_like", lambda x, *a, **k: uniform.pop(0).clone())
+        monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self)  # reference redraws once more
+
+    def patch_ours(self, monkeypatch):
+        exponential, uniform = list(self.exponential), list(self.uniform)
+        monkeypatch.setattr(sm, "_exponential_like", lambda x, g: exponential.pop(0).clone())
+        monkeypatch.setattr(sm, "_uniform_like", lambda x, g: uniform.pop(0).clone())
+
+
+def routed_loss_and_grad(function, logits, upstream):
+    logits = logits.clone().requires_grad_(True)
+    weights, indices = function(logits)
+    (weights * upstream).sum().backward()
+    return weights.detach(), indices, logits.grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_training_top2_matches_transformers_given_the_same_samples(monkeypatch, seed):
+    logits = logits_with_ties(tokens=256, seed=seed) * 0.05  # small logits: many candidates survive the mask
+    upstream = torch.randn(logits.shape[0], 2, generator=torch.Generator().manual_seed(seed))
+    noise = QueuedNoise(*logits.shape, top_k=2, seed=seed)
+
+    with monkeypatch.context() as patch:
+        noise.patch_reference(patch)
+        reference = routed_loss_and_grad(
+            lambda z: modeling_phimoe.sparsemixer(z, 0.01, training=True), logits, upstream
+        )
+    with monkeypatch.context() as patch:
+        noise.patch_ours(patch)
+        ours = routed_loss_and_grad(lambda z: sparsemixer_v2(z, 2, 0.01, training=True), logits, upstream)
+
+    assert torch.equal(ours[1], reference[1])
+    assert torch.equal(ours[0], reference[0])
+    assert torch.allclose(ours[2], reference[2], rtol=0, atol=1e-7)
+    # The comparison covers sampling (not only argmax choices) and both Heun branches (factor 1 and 1/3).
+    assert (ours[1][:, 0] != logits.argmax(-1)).any()
+    with monkeypatch.context() as patch:
+        noise.patch_ours(patch)
+        patch.setattr(sm, "_HEUN_KEEP_THRESHOLD", -1.0)  # always factor 1: the plain masked-softmax weights
+        unscaled = sparsemixer_v2(logits, 2, 0.01, training=True)[0]
+    factor = ours[0] / unscaled
+    assert (factor < 0.5).any() and (factor == 1).any()
+    assert torch.allclose(factor[factor < 0.5], torch.tensor(0.3333))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("training", [False, True])
+def test_any_top_k_returns_distinct_experts(top_k, training):
+    logits = torch.randn(300, 8) * 0.02
+    weights, indices = sparsemixer_v2(logits, top_k, 0.01, training, generator=torch.Generator().manual_seed(0))
+    assert weights.shape == indices.shape == (300, top_k)
+    assert indices.dtype == torch.long
+    assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()  # without replacement
+    assert torch.isfinite(weights).all() and (weights > 0).all() and (weights <= 1).all()
+
+
+def test_eval_top_k_takes_experts_in_logit_order():
+    logits = torch.randn(100, 6)
+    _, indices = sparsemixer_v2(logits, 4, 0.01, training=False)
+    assert torch.equal(indices, logits.topk(4, dim=-1).indices)
+
+
+def test_training_is_reproducible_from_a_generator():
+    logits = torch.randn(64, 8) * 0.01
+    first = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(7))
+    second = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(7))
+    other = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.equal(first[1], other[1])
+
+
+def test_training_sampling_follows_the_masked_softmax():
+    logits = torch.tensor([[1.0, 0.995, 0.99, -3.0]]).expand(20000, 4)  # three candidates inside the mask
+    _, indices = sparsemixer_v2(logits, 1, 0.01, True, generator=torch.Generator().manual_seed(0))
+    frequency = torch.bincount(indices[:, 0], minlength=4).float() / indices.shape[0]
+    expected = torch.tensor([1.0, 0.995, 0.99]).softmax(-1)
+    assert frequency[3] == 0
+    assert torch.allclose(frequency[:3], expected, atol=0.015)
+
+
+def test_exact_zero_exponential_draws_do_not_produce_nan(monkeypatch):
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *a, **k: self.zero_())
+    logits = torch.randn(32, 4).requires_grad_(True)
+    weights, _ = sparsemixer_v2(logits, 2, 0.01, training=True)
+    weights.sum().backward()
+    assert torch.isfinite(weights).all() and torch.isfinite(logits.grad).all()
+
+
+def test_router_gradient_is_the_masked_softmax_jacobian_row():
+    logits = torch.tensor([[2.0, 1.99, 0.0, -1.0]], requires_grad=True)
+    generator = torch.Generator().manual_seed(0)
+    weights, indices = sparsemixer_v2(logits, 1, 0.01, True, generator=generator)
+    weights.sum().backward()
+    probs = torch.tensor([2.0, 1.99]).softmax(-1)
+    chosen = indices.item()
+    expected = torch.zeros(4)
+    expected[:2] = probs[chosen] * (torch.nn.functional.one_hot(torch.tensor(chosen), 2) - probs)
+    assert torch.allclose(logits.grad[0], expected, atol=1e-7)
+
+
+def test_routing_math_is_fp32_under_autocast():
+    logits = (torch.randn(16, 8) * 0.01).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, indices = sparsemixer_v2(logits, 2, 0.01, training=False)
+    reference_weights, reference_indices = sparsemixer_v2(logits.float(), 2, 0.01, training=False)
+    assert weights.dtype == torch.bfloat16
+    assert torch.equal(indices, reference_indices)
+    assert torch.equal(weights, reference_weights.bfloat16())
+
+
+@pytest.mark.parametrize("top_k", [0, 9, 2.0])
+def test_top_k_out_of_range_raises(top_k):
+    with pytest.raises(ValueError, match="top_k"):
+        sparsemixer_v2(torch.randn(3, 8), top_k, 0.01, training=False)
+    with pytest.raises(ValueError, match="top_k"):
+        softmax_topk(torch.randn(3, 8), top_k, renormalize=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_logits_raise(bad):
+    logits = torch.randn(4, 8)
+    logits[2, 3] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sparsemixer_v2(logits, 2, 0.01, training=True)
+
+
+def test_negative_jitter_raises():
+    with pytest.raises(ValueError, match="jitter_eps"):
+        sparsemixer_v2(torch.randn(3, 8), 2, -0.1, training=False)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_empty_batch_returns_empty_outputs(training):
+    weights, indices = sparsemixer_v2(torch.empty(0, 8), 3, 0.01, training)
+    assert weights.shape == indices.shape == (0, 3) and indices.dtype == torch.long
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_topk(renormalize):
+    logits = torch.randn(50, 8)
+    weights, indices = softmax_topk(logits, 3, renormalize)
+    probs = logits.softmax(-1)
+    assert torch.equal(indices, probs.topk(3, dim=-1).indices)
+    expected = probs.topk(3, dim=-1).values
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    assert torch.allclose(weights, expected, atol=1e-7)
