@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="grin-moe-demo", help="folder to write (default: %(default)s)")
     demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: %(default)s)")
     demo.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per step (default: %(default)s)")
-    demo.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)")
+    demo.add_argument(
+        "--block-size", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)"
+    )
     demo.add_argument("--preset", default="grin-moe-tiny", help="model preset (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(handler=_demo)

@@ -1,4 +1,4 @@
-"""`grin-moe demo`: train a small GRIN-MoE on the embedded corpus, save it, reload it with AutoModelForCausalLM, generate."""
+"""`grin-moe demo`: train a small GRIN-MoE on the embedded corpus, save, reload with AutoModelForCausalLM, generate."""
 
 import json
 import math

@@ -1,13 +1,15 @@
-"""SwiGLU experts stored as 3-D parameters, so that every transformers experts implementation applies to them."""
+"""SwiGLU experts stored as 3-D parameters, so that every transformers experts implementation applies to them.
+
+Each model file subclasses `SwiGLUExperts` under `@use_experts_implementation`: transformers only lets a model choose
+its experts implementation when the model's own source file carries that decorator.
+"""
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.integrations import use_experts_implementation
 
 
-@use_experts_implementation
-class GrinMoeExperts(nn.Module):
+class SwiGLUExperts(nn.Module):
     """`num_local_experts` SwiGLU experts: y = down(act(gate(x)) * up(x)).
 
     Parameters (the layout of transformers' Mixtral/Phimoe experts):
@@ -30,10 +32,11 @@ class GrinMoeExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        """hidden_states `[T, H]`, top_k_index and top_k_weights `[T, k]` -> `sum_k weight_k * expert_k(x)`, `[T, H]`."""
+        """hidden_states `[T, H]`, top_k_index and top_k_weights `[T, k]` -> `sum_k weight_k * expert_k(x)` `[T, H]`."""
         output = torch.zeros_like(hidden_states)
         # unbind gives per-expert views whose backward is cheaper than indexing the 3-D parameter in the loop
-        for expert, (gate_up_proj, down_proj) in enumerate(zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0))):
+        expert_weights = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0), strict=True)
+        for expert, (gate_up_proj, down_proj) in enumerate(expert_weights):
             token_index, slot = torch.where(top_k_index == expert)
             if token_index.numel() == 0:
                 continue

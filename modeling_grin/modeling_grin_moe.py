@@ -12,6 +12,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
+from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -24,7 +25,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_grin_moe import GrinMoeConfig
-from .experts import GrinMoeExperts
+from .experts import SwiGLUExperts
 from .losses import load_balancing_loss
 from .sparsemixer import GrinMoeRouter
 
@@ -106,6 +107,11 @@ class GrinMoeAttention(nn.Module):
         return self.o_proj(attn_output), attn_weights
 
 
+@use_experts_implementation
+class GrinMoeExperts(SwiGLUExperts):
+    """GRIN's SwiGLU experts; `experts_implementation` picks eager (the inherited forward), grouped_mm or batched_mm."""
+
+
 class GrinMoeSparseMoeBlock(nn.Module):
     """Router + experts, dropless: every token reaches its `num_experts_per_tok` experts."""
 
@@ -118,8 +124,8 @@ class GrinMoeSparseMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training and self.input_jitter_noise > 0:
             # GRIN multiplies the MoE input (seen by router and experts) by U(1 - eps, 1 + eps), once.
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.input_jitter_noise, 1.0 + self.input_jitter_noise)
-            hidden_states = hidden_states * noise
+            eps = self.input_jitter_noise
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - eps, 1.0 + eps)
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])
         _, routing_weights, selected_experts = self.router(tokens)
         return self.experts(tokens, selected_experts, routing_weights).reshape(hidden_states.shape)
@@ -176,7 +182,7 @@ class GrinMoePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, GrinMoeExperts):
+        if isinstance(module, SwiGLUExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, GrinMoeRouter):

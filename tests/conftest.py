@@ -106,6 +106,7 @@ def released_grin_folder(tmp_path) -> Path:
             state[name.replace("mlp.router.", "block_sparse_moe.gate.")] = tensor.clone()
     folder = tmp_path / "released-grin"
     folder.mkdir()
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    bf16_state = {name: tensor.to(torch.bfloat16) for name, tensor in state.items()}
+    save_file(bf16_state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config))
     return folder

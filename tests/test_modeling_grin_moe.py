@@ -1,0 +1,263 @@
+import logging
+
+import pytest
+import torch
+from conftest import rewrite_as_phimoe, tiny_config, tiny_model
+from safetensors import safe_open
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PhimoeForCausalLM
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from modeling_grin import GrinMoeForCausalLM, GrinMoeForSequenceClassification, GrinMoeModel
+from modeling_grin.modeling_grin_moe import GrinMoeExperts
+
+
+def inputs(batch=3, length=11, vocab=96, seed=0):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(input_ids):
+    """Left padding of different lengths per row, as batched generation produces."""
+    attention_mask = torch.ones_like(input_ids)
+    for row in range(input_ids.shape[0]):
+        attention_mask[row, : 2 * row] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
+@pytest.fixture
+def grin_and_phimoe(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    rewrite_as_phimoe(tmp_path)
+    phimoe = PhimoeForCausalLM.from_pretrained(tmp_path).eval()
+    return model, phimoe
+
+
+def test_logits_match_phimoe(grin_and_phimoe):
+    model, phimoe = grin_and_phimoe
+    input_ids = inputs()
+    with torch.no_grad():
+        difference = (model(input_ids).logits - phimoe(input_ids).logits).abs().max().item()
+    assert difference <= 1e-5
+
+
+def test_logits_match_phimoe_with_padding_and_mask(grin_and_phimoe):
+    model, phimoe = grin_and_phimoe
+    input_ids, attention_mask = left_padded(inputs())
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask=attention_mask).logits
+        theirs = phimoe(input_ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    assert (ours[valid] - theirs[valid]).abs().max().item() <= 1e-5
+
+
+def test_greedy_generation_matches_phimoe(grin_and_phimoe):
+    model, phimoe = grin_and_phimoe
+    input_ids, attention_mask = left_padded(inputs(length=8))
+    settings = dict(
+        attention_mask=attention_mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    assert torch.equal(model.generate(input_ids, **settings), phimoe.generate(input_ids, **settings))
+
+
+def test_gradients_match_phimoe_in_eval_mode(grin_and_phimoe):
+    model, phimoe = grin_and_phimoe
+    input_ids = inputs()
+    for network in (model, phimoe):
+        network.zero_grad()
+        network(input_ids, labels=input_ids).loss.backward()
+    theirs = dict(phimoe.named_parameters())
+    compared = 0
+    for name, parameter in model.named_parameters():
+        if name.endswith("router.weight"):
+            continue
+        scale = theirs[name].grad.abs().max().clamp(min=1e-6)
+        assert (parameter.grad - theirs[name].grad).abs().max() / scale <= 1e-5, name
+        compared += 1
+    assert compared == len(theirs) - model.config.num_hidden_layers
+
+
+def test_save_load_round_trip_is_exact_and_writes_the_released_layout(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        keys = set(saved.keys())
+    assert "model.layers.0.block_sparse_moe.gate.weight" in keys
+    assert {f"model.layers.1.block_sparse_moe.experts.3.w{i}.weight" for i in (1, 2, 3)} <= keys
+    assert not any("gate_up_proj" in key or "router" in key for key in keys)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is GrinMoeForCausalLM
+    for (name, ours), (_, theirs) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+    assert not any(path.suffix in {".bin", ".pt", ".pth"} for path in tmp_path.iterdir())
+
+
+def test_released_format_folder_loads_without_missing_or_unexpected_weights(released_grin_folder, caplog):
+    with caplog.at_level(logging.WARNING):
+        model, info = AutoModelForCausalLM.from_pretrained(released_grin_folder, output_loading_info=True)
+    assert type(model) is GrinMoeForCausalLM and model.dtype == torch.bfloat16
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    messages = [record.getMessage().lower() for record in caplog.records]
+    assert not [message for message in messages if "missing" in message or "unexpected" in message]
+    with safe_open(released_grin_folder / "model.safetensors", "pt") as checkpoint:
+        experts = model.model.layers[1].mlp.experts
+        w1 = checkpoint.get_tensor("model.layers.1.block_sparse_moe.experts.2.w1.weight")
+        w3 = checkpoint.get_tensor("model.layers.1.block_sparse_moe.experts.2.w3.weight")
+        w2 = checkpoint.get_tensor("model.layers.1.block_sparse_moe.experts.2.w2.weight")
+        gate = checkpoint.get_tensor("model.layers.1.block_sparse_moe.gate.weight")
+    assert torch.equal(experts.gate_up_proj[2], torch.cat([w1, w3]))
+    assert torch.equal(experts.down_proj[2], w2)
+    assert torch.equal(model.model.layers[1].mlp.router.weight, gate)
+    model(inputs(), labels=inputs())  # runs in bf16
+
+
+def test_outputs_follow_transformers_moe_conventions():
+    model = tiny_model(router_aux_loss_coef=0.5)
+    input_ids = inputs()
+    plain = model(input_ids, labels=input_ids)
+    with_router = model(input_ids, labels=input_ids, output_router_logits=True)
+    assert isinstance(with_router, MoeCausalLMOutputWithPast)
+    assert plain.aux_loss is None and plain.router_logits is None
+    assert len(with_router.router_logits) == 2 and with_router.router_logits[0].shape == (3 * 11, 4)
+    assert torch.allclose(with_router.loss, plain.loss + 0.5 * with_router.aux_loss)
+    hidden = model(input_ids, output_hidden_states=True, output_attentions=True, attn_implementation="eager")
+    assert len(hidden.hidden_states) == 3
+
+
+def test_aux_loss_ignores_padding_and_reaches_the_router():
+    model = tiny_model().train()
+    input_ids, attention_mask = left_padded(inputs())
+    out = model(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
+    out.aux_loss.backward()
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    changed = input_ids.clone()
+    changed[attention_mask == 0] = 5  # padding content must not change the aux loss
+    model.eval()
+    first = model(input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    second = model(changed, attention_mask=attention_mask, output_router_logits=True).aux_loss
+    assert torch.allclose(first, second)
+
+
+def test_sdpa_and_eager_attention_agree():
+    model = tiny_model()
+    input_ids, attention_mask = left_padded(inputs())
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids, attention_mask=attention_mask).logits
+        model.set_attn_implementation("eager")
+        eager = model(input_ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    assert (sdpa[valid] - eager[valid]).abs().max() <= 1e-5
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    model = tiny_model()
+    input_ids = inputs(batch=2, length=14)
+    with torch.no_grad():
+        full = model(input_ids).logits
+        prefix = model(input_ids[:, :9], use_cache=True)
+        cache, steps = prefix.past_key_values, [prefix.logits]
+        for position in range(9, 14):
+            step = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            steps.append(step.logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+
+
+def test_sliding_window_limits_attention():
+    windowed, unlimited = tiny_model(sliding_window=3), tiny_model(sliding_window=None)
+    input_ids = inputs(batch=1, length=10)
+    changed = input_ids.clone()
+    changed[0, 0] = (changed[0, 0] + 1) % 96 or 1
+    with torch.no_grad():
+        # With one layer the last token sees only the last 3 positions; two layers reach 6 back at most.
+        assert torch.allclose(windowed(input_ids).logits[0, -1], windowed(changed).logits[0, -1])
+        assert not torch.allclose(unlimited(input_ids).logits[0, -1], unlimited(changed).logits[0, -1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    input_ids = inputs()
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model(input_jitter_noise=0.0, router_type="softmax_topk")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids, labels=input_ids).loss.backward()
+        gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+def test_training_mode_samples_experts_and_trains_every_part():
+    model = tiny_model(router_aux_loss_coef=0.01).train()
+    input_ids = inputs()
+    model(input_ids, labels=input_ids, output_router_logits=True).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+
+
+def test_input_jitter_is_applied_once(monkeypatch):
+    model = tiny_model(input_jitter_noise=0.01).train()
+    block = model.model.layers[0].mlp
+    calls = []
+    original_uniform = torch.Tensor.uniform_
+
+    def counting_uniform(self, low=0.0, high=1.0, *args, **kwargs):
+        calls.append((low, high))
+        return original_uniform(self, low, high, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "uniform_", counting_uniform)
+    block(torch.randn(2, 5, 32))
+    assert calls == [(0.99, 1.01)]
+    calls.clear()
+    block.eval()(torch.randn(2, 5, 32))
+    assert calls == []
+
+
+def test_longrope_logits_match_phimoe(tmp_path):
+    rope_scaling = {
+        "type": "longrope",
+        "short_factor": [1.0, 1.2, 1.5, 2.0],
+        "long_factor": [1.5, 2.5, 4.0, 8.0],
+        "short_mscale": 1.1,
+        "long_mscale": 1.243163121016122,
+        "original_max_position_embeddings": 8,
+    }
+    model = tiny_model(rope_scaling=rope_scaling, sliding_window=None)
+    model.save_pretrained(tmp_path)
+    rewrite_as_phimoe(tmp_path)
+    phimoe = PhimoeForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        for length in (6, 20):  # short factors, then long factors
+            input_ids = inputs(length=length)
+            assert (model(input_ids).logits - phimoe(input_ids).logits).abs().max() <= 1e-5
+        settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        prompt = inputs(batch=1, length=5)  # generation crosses the 8-token switch point
+        assert torch.equal(model.generate(prompt, **settings), phimoe.generate(prompt, **settings))
+
+
+def test_auto_classes_and_sequence_classification(tmp_path):
+    config = tiny_config(num_labels=3)
+    assert type(AutoModel.from_config(config)) is GrinMoeModel
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    assert type(classifier) is GrinMoeForSequenceClassification
+    input_ids = inputs()
+    out = classifier(input_ids, labels=torch.tensor([0, 1, 2]))
+    assert out.logits.shape == (3, 3) and out.loss.requires_grad
+    classifier.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    classifier.eval()
+    assert torch.equal(classifier(input_ids).logits, reloaded(input_ids).logits)
+
+
+def test_experts_stay_3d_and_accept_transformers_implementations():
+    model = tiny_model()
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, GrinMoeExperts)
+    assert experts.gate_up_proj.shape == (4, 48, 32) and experts.down_proj.shape == (4, 32, 24)
+    input_ids = inputs()
+    with torch.no_grad():
+        eager = model(input_ids).logits
+        for implementation in ("grouped_mm", "batched_mm"):
+            model.set_experts_implementation(implementation)
+            assert (model(input_ids).logits - eager).abs().max() <= 1e-5, implementation
