@@ -1,0 +1,53 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from modeling_grin.cli import main
+from modeling_grin.data import embedded_corpus, token_blocks, train_tokenizer
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: grin-moe" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--batch-size", "x"], ["no-such-command"]])
+def test_bad_arguments_exit_with_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
+    assert main(["demo", "--output-dir", str(tmp_path / "out"), "--preset", "nope", "--steps", "1"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_embedded_corpus_and_tokenizer_round_trip():
+    texts = embedded_corpus()
+    assert len(texts) >= 10 and sum(map(len, texts)) > 500_000
+    tokenizer = train_tokenizer(texts[:3], vocab_size=400)
+    sample = "def f(x):\n    return x ** 2  # ünïcode"
+    assert tokenizer.decode(tokenizer(sample)["input_ids"]) == sample
+    blocks = token_blocks(tokenizer, texts[:2], block_size=64)
+    assert blocks.shape[1] == 64 and blocks.dtype == torch.long
+
+
+def test_demo_trains_saves_and_reloads(tmp_path, capsys):
+    output_dir = tmp_path / "demo"
+    argv = ["demo", "--output-dir", str(output_dir), "--steps", "3", "--batch-size", "2", "--block-size", "32"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "held-out loss / ppl" in printed and "sample:" in printed
+    summary = json.loads((output_dir / "demo_summary.json").read_text())
+    assert summary["heldout_perplexity"] > 1 and summary["sample"].startswith("def ")
+    assert (output_dir / "loss_curve.png").stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert type(model).__name__ == "GrinMoeForCausalLM" and len(tokenizer) == model.config.vocab_size
