@@ -18,8 +18,6 @@ from torch import nn
 
 # Heun factor as in GRIN's released code: 0.3333 + 0.6667 * keep, kept for bit-exact agreement with it.
 _HEUN_LOW, _HEUN_SPAN = 0.3333, 0.6667
-# A non-argmax choice keeps factor 1 when u > 0.75, i.e. with probability 1/4 (Bernoulli(1/4) of Eq. 8).
-_HEUN_KEEP_THRESHOLD = 0.75
 
 
 def _exponential_like(reference: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -67,6 +65,8 @@ def sparsemixer_v2(
     jitter_eps: float,
     training: bool,
     generator: torch.Generator | None = None,
+    *,
+    heun_keep_prob: float = 0.25,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to `top_k` experts with SparseMixer-v2.
 
@@ -76,6 +76,8 @@ def sparsemixer_v2(
         jitter_eps: mask threshold (`router_jitter_noise` in the config), `>= 0`.
         training: sample experts and use SparseMixer-v2's gradient estimator; otherwise deterministic argmax.
         generator: random source for the training-mode samples, for reproducibility.
+        heun_keep_prob: probability that a non-argmax choice keeps factor 1 instead of 1/3: 1/4 is SparseMixer-v2's
+            Bernoulli(1/4) (Eq. 8); 1.0 always keeps 1, a first-order (Euler-style) estimate, for comparisons.
 
     Returns:
         `(weights, indices)`, both `[tokens, top_k]`; weights in the dtype of `logits` (computed in fp32), not
@@ -84,6 +86,8 @@ def sparsemixer_v2(
     _check_routing_inputs(logits, top_k)
     if jitter_eps < 0:
         raise ValueError(f"`jitter_eps` must be non-negative, got {jitter_eps!r}")
+    if not 0 <= heun_keep_prob <= 1:
+        raise ValueError(f"`heun_keep_prob` must be in [0, 1], got {heun_keep_prob!r}")
     if logits.shape[0] == 0:
         return logits.new_empty(0, top_k), torch.empty(0, top_k, dtype=torch.long, device=logits.device)
 
@@ -104,7 +108,7 @@ def sparsemixer_v2(
                     probs = candidates.softmax(dim=-1)
                     weight = probs.gather(-1, choice)
                     keep = (choice == probs.max(dim=-1, keepdim=True)[1]) | (
-                        _uniform_like(weight, generator) > _HEUN_KEEP_THRESHOLD
+                        _uniform_like(weight, generator) > 1 - heun_keep_prob
                     )
                     heun_factor = torch.add(_HEUN_LOW, keep, alpha=_HEUN_SPAN).type_as(probs)
                 weight = SparseMixerGradient.apply(scores, weight, choice, probs, heun_factor)
