@@ -125,8 +125,9 @@ def compare_estimators(
     gradient, keyed by `(estimator, objective)`.
 
     `output_scale` sets the size of the expert outputs: small outputs keep f near its Taylor expansion, where the
-    Euler/Heun approximations behind SparseMixer are accurate. `jitter_eps >= 1` masks nothing (the mask ratio never exceeds 2), so the sampling distribution is the plain
-    softmax that the top-k proxy uses too and all estimators are compared on the same objective.
+    Euler/Heun approximations behind SparseMixer are accurate. `jitter_eps >= 1` masks nothing (the mask ratio never
+    exceeds 2), so the sampling distribution is the plain softmax that the top-k proxy uses too and all estimators
+    are compared on the same objective.
     """
     # Separate streams: the same problems for any `num_samples`, so results at several sample counts compare.
     problem_generator = torch.Generator().manual_seed(seed)
