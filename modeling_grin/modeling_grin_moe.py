@@ -100,7 +100,7 @@ class GrinMoeAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
-            sliding_window=self.config.sliding_window,  # mask-free kernels (flash attention) need it explicitly
+            sliding_window=self.config.sliding_window,  # mask-free kernels (flash attention) take it as an argument
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
