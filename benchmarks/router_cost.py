@@ -23,12 +23,16 @@ from modeling_grin.modeling_grin_moe import GrinMoeExperts  # noqa: E402
 from modeling_grin.sparsemixer import GrinMoeRouter  # noqa: E402
 
 
-def median_seconds(function, repeats: int) -> float:
+def median_seconds(function, repeats: int, device: torch.device) -> float:
     function()  # warm-up
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         started = time.perf_counter()
         function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -42,9 +46,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--experts-implementation", default="grouped_mm", choices=["eager", "grouped_mm"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     config = GrinMoeConfig(
         hidden_size=args.hidden,
@@ -55,16 +62,16 @@ def main() -> None:
         num_key_value_heads=1,
         experts_implementation=args.experts_implementation,
     )
-    experts = GrinMoeExperts(config)
+    experts = GrinMoeExperts(config).to(device, dtype)
     with torch.no_grad():
         experts.gate_up_proj.normal_(0, 0.02)
         experts.down_proj.normal_(0, 0.02)
     routers = {}
     for router_type in ("sparsemixer_v2", "softmax_topk"):
         config.router_type = router_type
-        routers[router_type] = GrinMoeRouter(config)
+        routers[router_type] = GrinMoeRouter(config).to(device, dtype)
         torch.nn.init.normal_(routers[router_type].weight, std=0.02)
-    hidden = torch.randn(args.tokens, args.hidden)
+    hidden = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
     _, weights, indices = routers["sparsemixer_v2"].eval()(hidden)
 
     def experts_forward():
@@ -75,8 +82,8 @@ def main() -> None:
         x = hidden.clone().requires_grad_(True)
         experts(x, indices, weights.detach().requires_grad_(True)).sum().backward()
 
-    results = {"experts/forward": median_seconds(experts_forward, args.repeats)}
-    results["experts/forward+backward"] = median_seconds(experts_training, args.repeats)
+    results = {"experts/forward": median_seconds(experts_forward, args.repeats, device)}
+    results["experts/forward+backward"] = median_seconds(experts_training, args.repeats, device)
     for name, router in routers.items():
         router.eval()
 
@@ -90,13 +97,14 @@ def main() -> None:
             logits, w, _ = router(x)
             (w.sum() + logits.sum() * 0).backward()
 
-        results[f"{name}/forward"] = median_seconds(router_forward, args.repeats)
-        results[f"{name}/forward+backward"] = median_seconds(router_training, args.repeats)
+        results[f"{name}/forward"] = median_seconds(router_forward, args.repeats, device)
+        results[f"{name}/forward+backward"] = median_seconds(router_training, args.repeats, device)
 
     print(f"command: python {' '.join(sys.argv)}")
     print(f"shape: hidden {args.hidden}, expert size {args.intermediate}, {args.experts} experts, top-{args.top_k}, "
-          f"{args.tokens} tokens, experts implementation {args.experts_implementation}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{args.tokens} tokens, experts implementation {args.experts_implementation}, {args.dtype} on "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}, "
+          f"torch {torch.__version__}")
     print("| part | pass | median ms | router / experts |")
     print("|---|---|---|---|")
     for key, seconds in results.items():

@@ -52,11 +52,19 @@ def _check_routing_inputs(logits: torch.Tensor, top_k: int) -> None:
     num_experts = logits.shape[-1]
     if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"`top_k` must be an integer in 1..num_experts (1..{num_experts}), got {top_k!r}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(logits).all():
-        raise ValueError(
-            "router logits contain NaN or inf; the hidden states feeding the router have diverged "
-            "(check the learning rate, the loss scale, or fp16 overflow)"
-        )
+    if torch.compiler.is_compiling():
+        return
+    message = (
+        "router logits contain NaN or inf; the hidden states feeding the router have diverged "
+        "(check the learning rate, the loss scale, or fp16 overflow)"
+    )
+    if logits.device.type == "cpu":
+        if not torch.isfinite(logits).all():
+            raise ValueError(message)
+    else:
+        # A host-side check would synchronise with the GPU in every MoE layer; a device-side assert stops the
+        # program just as loudly (at the next synchronisation) without stalling the launch queue.
+        torch._assert_async(torch.isfinite(logits).all(), message)
 
 
 def sparsemixer_v2(
