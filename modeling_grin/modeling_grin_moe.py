@@ -17,7 +17,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward
 from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -113,13 +113,18 @@ class GrinMoeExperts(SwiGLUExperts):
 
 
 class GrinMoeSparseMoeBlock(nn.Module):
-    """Router + experts, dropless: every token reaches its `num_experts_per_tok` experts."""
+    """Router + experts, dropless: every token reaches its `num_experts_per_tok` experts.
 
-    def __init__(self, config: GrinMoeConfig):
+    `input_size` defaults to `hidden_size`; MH-MoE's block reuses this one on sub-tokens of that size.
+    """
+
+    experts_class = GrinMoeExperts
+
+    def __init__(self, config: GrinMoeConfig, input_size: int | None = None):
         super().__init__()
         self.input_jitter_noise = config.input_jitter_noise
-        self.router = GrinMoeRouter(config)
-        self.experts = GrinMoeExperts(config)
+        self.router = GrinMoeRouter(config, input_size)
+        self.experts = self.experts_class(config, input_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.training and self.input_jitter_noise > 0:
@@ -131,14 +136,26 @@ class GrinMoeSparseMoeBlock(nn.Module):
         return self.experts(tokens, selected_experts, routing_weights).reshape(hidden_states.shape)
 
 
+def build_norm(config) -> nn.Module:
+    """GRIN uses LayerNorm with bias (eps from `rms_norm_eps`); MH-MoE configs may ask for RMSNorm."""
+    if getattr(config, "norm_type", "layernorm") == "rmsnorm":
+        return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class GrinMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h)); `mlp` is the MoE block (or, in MH-MoE, a dense FFN)."""
+
     def __init__(self, config: GrinMoeConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.self_attn = GrinMoeAttention(config, layer_idx)
-        self.mlp = GrinMoeSparseMoeBlock(config)
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = self.build_mlp(config, layer_idx)
+        self.input_layernorm = build_norm(config)
+        self.post_attention_layernorm = build_norm(config)
+
+    def build_mlp(self, config: GrinMoeConfig, layer_idx: int) -> nn.Module:
+        return GrinMoeSparseMoeBlock(config)
 
     def forward(
         self,
@@ -190,15 +207,17 @@ class GrinMoePreTrainedModel(PreTrainedModel):
 
 
 class GrinMoeModel(GrinMoePreTrainedModel):
+    decoder_layer_class = GrinMoeDecoderLayer
+
     def __init__(self, config: GrinMoeConfig):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [GrinMoeDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [self.decoder_layer_class(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = build_norm(config)
         # Default RoPE, or Phi-3.5-MoE's longrope with its short/long attention scales.
         self.rotary_emb = PhimoeRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
@@ -252,13 +271,14 @@ class GrinMoeModel(GrinMoePreTrainedModel):
 
 
 class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
+    model_class = GrinMoeModel
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: GrinMoeConfig):
         super().__init__(config)
-        self.model = GrinMoeModel(config)
+        self.model = self.model_class(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.lm_head_bias)
         self.post_init()
@@ -335,11 +355,13 @@ class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
 
 
 class GrinMoeForSequenceClassification(GenericForSequenceClassification, GrinMoePreTrainedModel):
+    model_class = GrinMoeModel
+
     def __init__(self, config: GrinMoeConfig):
         # Build the backbone directly instead of through AutoModel, so this class also works as exported remote code.
-        GrinMoePreTrainedModel.__init__(self, config)
+        PreTrainedModel.__init__(self, config)
         self.num_labels = config.num_labels
-        self.model = GrinMoeModel(config)
+        self.model = self.model_class(config)
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
