@@ -12,12 +12,14 @@ from transformers import (
 )
 
 from .configuration_grin_moe import GrinMoeConfig
+from .configuration_mh_moe import MhMoeConfig
 from .modeling_grin_moe import (
     GrinMoeForCausalLM,
     GrinMoeForSequenceClassification,
     GrinMoeModel,
     GrinMoePreTrainedModel,
 )
+from .modeling_mh_moe import MhMoeForCausalLM, MhMoeForSequenceClassification, MhMoeModel, MhMoePreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 def _register_auto_classes() -> None:
     for config_class, base, causal_lm, classifier in (
         (GrinMoeConfig, GrinMoeModel, GrinMoeForCausalLM, GrinMoeForSequenceClassification),
+        (MhMoeConfig, MhMoeModel, MhMoeForCausalLM, MhMoeForSequenceClassification),
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, base, exist_ok=True)
@@ -40,4 +43,9 @@ __all__ = [
     "GrinMoeModel",
     "GrinMoeForCausalLM",
     "GrinMoeForSequenceClassification",
+    "MhMoeConfig",
+    "MhMoePreTrainedModel",
+    "MhMoeModel",
+    "MhMoeForCausalLM",
+    "MhMoeForSequenceClassification",
 ]
