@@ -59,3 +59,20 @@ def test_non_finite_logits_on_cuda_stop_the_program():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "assert" in result.stderr.lower()
+
+
+def test_mh_moe_on_cuda_eager_and_grouped_mm_agree_and_train_in_bf16():
+    from modeling_grin import MhMoeForCausalLM
+    from modeling_grin.presets import load_preset
+
+    torch.manual_seed(0)
+    model = MhMoeForCausalLM(load_preset("mh-moe-tiny", shared_expert_intermediate_size=64)).cuda().eval()
+    input_ids = torch.randint(1, 2048, (4, 64), device="cuda")
+    with torch.no_grad():
+        eager = model(input_ids).logits
+        model.set_experts_implementation("grouped_mm")
+        grouped = model(input_ids).logits
+    assert (eager - grouped).abs().max() <= 1e-4
+    model = model.to(torch.bfloat16).train()
+    model(input_ids, labels=input_ids, output_router_logits=True).loss.backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
