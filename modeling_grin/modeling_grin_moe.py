@@ -324,8 +324,12 @@ class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits:
+            # Router rows cover only this call's tokens; with a cache the 2-D mask also covers the past ones.
+            token_mask = None
+            if attention_mask is not None and attention_mask.dim() == 2:
+                token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :]
             aux_loss = load_balancing_loss(
-                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
+                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask
             )
             if loss is not None and aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)

@@ -135,6 +135,17 @@ def test_aux_loss_ignores_padding_and_reaches_the_router():
     assert torch.allclose(first, second)
 
 
+def test_router_outputs_during_cached_generation():
+    model = tiny_model(output_router_logits=True)
+    input_ids, attention_mask = left_padded(inputs(length=8))
+    out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, output_router_logits=True, return_dict_in_generate=True)
+    assert out.sequences.shape == (3, 12)
+    step = model(out.sequences[:, -1:], attention_mask=torch.ones(3, 12, dtype=torch.long),
+                 past_key_values=model(out.sequences[:, :-1], use_cache=True).past_key_values)
+    assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
+
+
 def test_sdpa_and_eager_attention_agree():
     model = tiny_model()
     input_ids, attention_mask = left_padded(inputs())
