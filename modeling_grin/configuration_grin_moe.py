@@ -156,5 +156,13 @@ class GrinMoeConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         validate_longrope(self)
 
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # transformers does not save the experts implementation. Keep a choice a user made (e.g. "fused") so the saved
+        # model reloads with it; the default (grouped_mm) stays unsaved so that loading elsewhere may still fall back.
+        if self._experts_implementation not in (None, "grouped_mm"):
+            output["experts_implementation"] = self._experts_implementation
+        return output
+
 
 __all__ = ["GrinMoeConfig"]

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .fused_experts import fused_experts_forward  # noqa: F401  (registers experts_implementation="fused")
+
 
 class SwiGLUExperts(nn.Module):
     """`num_local_experts` SwiGLU experts: y = down(act(gate(x)) * up(x)).

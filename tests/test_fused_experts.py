@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import AutoModelForCausalLM
+
+from modeling_grin.modeling_grin_moe import GrinMoeExperts
+
+
+def make_experts(num_experts=8, top_k=2, hidden_act="silu", seed=0):
+    config = tiny_config(num_local_experts=num_experts, num_experts_per_tok=top_k, hidden_act=hidden_act)
+    torch.manual_seed(seed)
+    experts = GrinMoeExperts(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    return experts
+
+
+def run(experts, implementation, hidden, index, weights):
+    experts.config._experts_implementation = implementation
+    hidden = hidden.clone().requires_grad_(True)
+    weights = weights.clone().requires_grad_(True)
+    experts.zero_grad()
+    output = experts(hidden, index, weights)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
+    (output * upstream).sum().backward()
+    return {
+        "output": output.detach(),
+        "hidden": hidden.grad,
+        "routing weights": weights.grad,
+        "gate_up_proj": experts.gate_up_proj.grad.clone(),
+        "down_proj": experts.down_proj.grad.clone(),
+    }
+
+
+def assert_matches_eager(experts, hidden, index, weights, tolerance=1e-5):
+    reference = run(experts, "eager", hidden, index, weights)
+    fused = run(experts, "fused", hidden, index, weights)
+    for name, expected in reference.items():
+        scale = expected.abs().max().clamp(min=1e-6)
+        assert (fused[name] - expected).abs().max() / scale <= tolerance, name
+
+
+def random_routing(tokens, num_experts, top_k, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    return index, torch.rand(tokens, top_k, generator=generator)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_matches_eager_forward_and_every_gradient(top_k, tokens):
+    experts = make_experts(top_k=top_k)
+    index, weights = random_routing(tokens, 8, top_k)
+    assert_matches_eager(experts, torch.randn(tokens, 32), index, weights)
+
+
+def test_all_tokens_to_one_expert_and_empty_experts():
+    experts = make_experts()
+    index = torch.tensor([[5, 2]] * 40)  # experts 0, 1, 3, 4, 6, 7 get nothing
+    assert_matches_eager(experts, torch.randn(40, 32), index, torch.rand(40, 2))
+    weights_grad = run(experts, "fused", torch.randn(40, 32), index, torch.rand(40, 2))["gate_up_proj"]
+    assert weights_grad[[0, 1, 3, 4, 6, 7]].abs().sum() == 0
+
+
+def test_other_activations_use_their_own_derivative():
+    experts = make_experts(hidden_act="gelu")
+    index, weights = random_routing(30, 8, 2)
+    assert_matches_eager(experts, torch.randn(30, 32), index, weights)
+
+
+def test_empty_batch():
+    experts = make_experts()
+    experts.config._experts_implementation = "fused"
+    output = experts(torch.randn(0, 32), torch.empty(0, 2, dtype=torch.long), torch.empty(0, 2))
+    assert output.shape == (0, 32)
+
+
+def test_bf16_is_close_to_fp32():
+    experts = make_experts()
+    index, weights = random_routing(64, 8, 2)
+    hidden = torch.randn(64, 32)
+    fp32 = run(experts, "fused", hidden, index, weights)["output"]
+    experts = experts.to(torch.bfloat16)
+    experts.config._experts_implementation = "fused"
+    bf16 = experts(hidden.bfloat16(), index, weights).float()
+    assert (bf16 - fp32).abs().max() / fp32.abs().max() < 0.02
+
+
+def model_outputs_and_grads(model, implementation, input_ids):
+    model.set_experts_implementation(implementation)
+    model.zero_grad()
+    out = model(input_ids, labels=input_ids)
+    out.loss.backward()
+    return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["grin", "mh_moe"])
+def test_both_model_families_match_eager(family):
+    if family == "grin":
+        model = tiny_model(num_experts_per_tok=3)
+    else:
+        from test_mh_moe import tiny_mh_model
+
+        model = tiny_mh_model()
+    input_ids = torch.randint(1, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    eager_logits, eager_grads = model_outputs_and_grads(model, "eager", input_ids)
+    fused_logits, fused_grads = model_outputs_and_grads(model, "fused", input_ids)
+    assert (fused_logits - eager_logits).abs().max() <= 1e-5
+    for name, grad in eager_grads.items():
+        assert (fused_grads[name] - grad).abs().max() / grad.abs().max().clamp(min=1e-6) <= 1e-5, name
+
+
+def test_flag_is_saved_and_reloaded(tmp_path):
+    model = tiny_model()
+    model.set_experts_implementation("fused")
+    model.save_pretrained(tmp_path / "fused")
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["experts_implementation"] == "fused"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    assert reloaded.config._experts_implementation == "fused"
+    assert reloaded.model.layers[0].mlp.experts.config._experts_implementation == "fused"
+    overridden = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", experts_implementation="eager")
+    assert overridden.config._experts_implementation == "eager"
+
+    tiny_model().save_pretrained(tmp_path / "default")  # the default choice is not written
+    assert "experts_implementation" not in json.loads((tmp_path / "default" / "config.json").read_text())
+    chosen = AutoModelForCausalLM.from_pretrained(tmp_path / "default", experts_implementation="fused")
+    assert chosen.config._experts_implementation == "fused"
