@@ -150,10 +150,12 @@ def main() -> None:
     dense = next((r for r in results if r["implementation"] == "dense"), None)
     grouped = next((r for r in results if r["implementation"] == "grouped_mm"), None)
     print(f"command: python {' '.join(sys.argv)}")
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    on_gpu = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"H={args.hidden} I={args.intermediate} E={args.experts} k={args.top_k} tokens={args.tokens} {args.dtype} "
           f"on {device_name}, torch {torch.__version__}")
-    print("| implementation | fwd tokens/s | fwd+bwd tokens/s | fwd+bwd vs dense | fwd+bwd vs grouped_mm | peak extra MiB |")
+    print("| implementation | fwd tokens/s | fwd+bwd tokens/s | fwd+bwd vs dense | fwd+bwd vs grouped_mm "
+          "| peak extra MiB |")
     print("|---|---|---|---|---|---|")
     for r in results:
         speed = r["forward+backward tokens/s"]
