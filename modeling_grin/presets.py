@@ -27,7 +27,8 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str, **overrides) -> PretrainedConfig:
-    """The config of preset `name` (e.g. `"grin-moe"`, `"grin-moe-tiny"`), with fields replaced by `overrides`."""
-    import modeling_grin  # noqa: F401  (registers the model types with AutoConfig)
+    """The config of preset `name` (e.g. `"grin-moe"`, `"mh-moe-paper-h2"`), with fields replaced by `overrides`.
 
+    The model types resolve because importing this module imports the package, which registers them.
+    """
     return AutoConfig.from_pretrained(preset_path(name), **overrides)
