@@ -23,6 +23,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _card(args: argparse.Namespace) -> int:
+    from .hub import write_model_card
+
+    results = {}
+    for item in args.metric:
+        metric, _, value = item.partition("=")
+        try:
+            results[metric] = float(value)
+        except ValueError:
+            raise ValueError(f"--metric takes NAME=NUMBER, got {item!r}") from None
+    path = write_model_card(
+        args.folder, license=args.license, base_model=args.base_model, eval_results=results or None,
+        eval_dataset=args.eval_dataset,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -50,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", default="grin-moe-tiny", help="model preset (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(handler=_demo)
+
+    card = commands.add_parser(
+        "card",
+        help="write a Hub model card (README.md) for a saved model folder",
+        description="Write README.md for a saved GRIN-MoE or MH-MoE folder: Hub metadata, an architecture table "
+        "computed from its config (total and active parameters), routing details, usage, and results.",
+    )
+    card.add_argument("folder", help="a folder written by save_pretrained")
+    card.add_argument("--license", default="mit", help="license identifier for the metadata (default: %(default)s)")
+    card.add_argument("--base-model", help="Hub id of the model this one was trained from")
+    card.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="an evaluation result")
+    card.add_argument("--eval-dataset", default="held-out text", help="what the metrics were measured on")
+    card.set_defaults(handler=_card)
     return parser
 
 
