@@ -12,12 +12,14 @@ def _demo(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         block_size=args.block_size,
+        arch=args.arch,
         preset=args.preset,
         seed=args.seed,
     )
     print(f"parameters:          {summary['parameters']:,}")
     print(f"training loss:       {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
     print(f"held-out loss / ppl: {summary['heldout_loss']:.3f} / {summary['heldout_perplexity']:.1f}")
+    print(f"max expert load:     {summary['max_expert_load_over_uniform']:.2f}x uniform (expert_load.png)")
     print(f"saved to:            {summary['output_dir']} (reloaded with AutoModelForCausalLM)")
     print(f"sample:\n{summary['sample']}")
     return 0
@@ -54,10 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="train a small GRIN-MoE on the embedded corpus, save, reload and generate",
-        description="Train a small GRIN-MoE on Python's own standard-library sources (no download), evaluate "
-        "held-out perplexity, save a model folder with tokenizer and loss curve, reload it through "
-        "AutoModelForCausalLM and print a generated sample.",
+        help="train a small GRIN-MoE or MH-MoE on the embedded corpus, save, reload and generate",
+        description="Train a small GRIN-MoE (or MH-MoE) on Python's own standard-library sources (no download), "
+        "evaluate held-out perplexity, save a Hub-ready folder (weights, tokenizer, model card, loss curve, "
+        "expert-load heatmap), reload it through AutoModelForCausalLM and print a generated sample.",
     )
     demo.add_argument("--output-dir", default="grin-moe-demo", help="folder to write (default: %(default)s)")
     demo.add_argument("--steps", type=_positive_int, default=300, help="training steps (default: %(default)s)")
@@ -65,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--block-size", type=_positive_int, default=128, help="tokens per sequence (default: %(default)s)"
     )
-    demo.add_argument("--preset", default="grin-moe-tiny", help="model preset (default: %(default)s)")
+    demo.add_argument("--arch", choices=["grin", "mh-moe"], default="grin", help="model family (default: %(default)s)")
+    demo.add_argument("--preset", help="model preset (default: grin-moe-tiny or mh-moe-tiny, by --arch)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(handler=_demo)
 

@@ -153,15 +153,15 @@ def write_model_card(
     ]
     sections = [
         f"# {name}\n",
-        f"A {rows[0][1]} causal language model for Hugging Face transformers, packaged with "
-        "[modeling-grin](https://pypi.org/project/modeling-grin/).\n",
+        f"A {rows[0][1]} causal language model for Hugging Face transformers, made with the `modeling-grin` "
+        "library.\n",
         "## Architecture\n\n| | |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in rows) + "\n",
         f"## Routing\n\n{routing}.\n",
     ]
     if (folder / "expert_load.png").is_file():
         sections.append("![Expert load per layer](expert_load.png)\n")
     usage = (
-        "## Usage\n\n```python\nimport modeling_grin  # pip install modeling-grin\n"
+        "## Usage\n\n```python\nimport modeling_grin  # the modeling-grin package registers the model type\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{name}")\n'
     )

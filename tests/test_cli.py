@@ -24,6 +24,16 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+def test_mh_moe_demo(tmp_path):
+    argv = ["demo", "--arch", "mh-moe", "--output-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
+            "--block-size", "32", "--seed", "3"]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)).__name__ == "MhMoeForCausalLM"
+    assert main([*argv[:-1], "3"]) == 0  # the same seed gives the same run
+    assert json.loads((tmp_path / "demo_summary.json").read_text())["heldout_loss"] == summary["heldout_loss"]
+
+
 def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path / "out"), "--preset", "nope", "--steps", "1"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
@@ -48,6 +58,9 @@ def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     summary = json.loads((output_dir / "demo_summary.json").read_text())
     assert summary["heldout_perplexity"] > 1 and summary["sample"].startswith("def ")
     assert (output_dir / "loss_curve.png").stat().st_size > 1000
+    assert (output_dir / "expert_load.png").stat().st_size > 1000
+    card = (output_dir / "README.md").read_text()
+    assert "library_name: transformers" in card and "perplexity" in card and "expert_load.png" in card
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model).__name__ == "GrinMoeForCausalLM" and len(tokenizer) == model.config.vocab_size
