@@ -43,6 +43,18 @@ def _card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .conversion import convert_checkpoint
+
+    summary = convert_checkpoint(
+        args.source, args.destination, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        force=args.force, verify=args.verify,
+    )
+    print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
+          f"{summary['shards']} shard(s){', verified' if summary['verified'] else ''}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -84,6 +96,22 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="an evaluation result")
     card.add_argument("--eval-dataset", default="held-out text", help="what the metrics were measured on")
     card.set_defaults(handler=_card)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a GRIN-MoE / Phi-3.5-MoE / Phimoe checkpoint folder to grinmoe or phimoe format",
+        description="Stream a safetensors checkpoint shard by shard into a new folder for this package (grinmoe) or "
+        "for transformers' PhimoeForCausalLM (phimoe). Written to a temporary folder and renamed at the end; an "
+        "error leaves no partial output.",
+    )
+    convert.add_argument("source", help="checkpoint folder (config.json + safetensors)")
+    convert.add_argument("destination", help="folder to create")
+    convert.add_argument("--to", required=True, choices=["grinmoe", "phimoe"], help="target format")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
+    convert.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
+    convert.add_argument("--force", action="store_true", help="replace an existing destination")
+    convert.add_argument("--verify", action="store_true", help="re-read the output: presence, shape, checksum")
+    convert.set_defaults(handler=_convert)
     return parser
 
 
@@ -91,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # ConversionError is a ValueError
         print(f"grin-moe {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,266 @@
+"""Streaming checkpoint conversion between GRIN-MoE, Phi-3.5-MoE / transformers Phimoe and this package's format.
+
+All three store the same tensors under the released per-expert names (`block_sparse_moe.experts.N.w1/w2/w3`,
+`block_sparse_moe.gate`); what differs is the config (`model_type`, architectures, remote-code `auto_map`, RoPE
+defaults). Checkpoints holding fused 3-D experts (`mlp.experts.gate_up_proj`, `mlp.router`) are split back to the
+per-expert names. Tensors are read lazily shard by shard and written in shards of at most `max_shard_size`, so peak
+memory is about one output shard. The output is written to a temporary folder beside the destination and renamed at
+the end: an error (or a kill) never leaves a partial destination. Only safetensors are read; pickles never are.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+TARGETS = ("grinmoe", "phimoe")
+_DEFAULT_ROPE_THETA = {"grinmoe": 10000.0, "phimoe": 1000000.0}  # each config class's default when the file has none
+_OUR_ONLY_FIELDS = ("router_type", "router_renormalize", "experts_implementation")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ConversionError(ValueError):
+    """A checkpoint or a request that cannot be converted; nothing was written."""
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '64KiB' or a number of bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.IGNORECASE)
+    if not match:
+        raise ConversionError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or a number of bytes")
+    number, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
+    base = 1024 if binary else 1000
+    return int(number * base ** "_KMGT".index(unit or "_"))
+
+
+def translate_config(config: dict, to: str, dtype: str | None = None) -> dict:
+    """The source `config.json` rewritten for the target format, validated by the target's config class."""
+    if to not in TARGETS:
+        raise ConversionError(f"--to must be one of {TARGETS}, got {to!r}")
+    source_type = config.get("model_type")
+    if source_type not in TARGETS:
+        raise ConversionError(f"source model_type {source_type!r} is not a GRIN-MoE/Phi-3.5-MoE checkpoint ({TARGETS})")
+    output = {key: value for key, value in config.items() if key not in ("auto_map", "_name_or_path")}
+    if "rope_theta" not in output and not output.get("rope_parameters") and not output.get("rope_scaling"):
+        output["rope_theta"] = _DEFAULT_ROPE_THETA[source_type]  # keep the source's meaning explicit
+    if dtype is not None:
+        output["dtype"] = dtype
+        output.pop("torch_dtype", None)
+    if to == "phimoe":
+        if output.get("router_type", "sparsemixer_v2") != "sparsemixer_v2":
+            raise ConversionError("transformers' Phimoe routes only with SparseMixer; this model uses softmax_topk")
+        if output.get("num_experts_per_tok", 2) != 2:
+            raise ConversionError("transformers' Phimoe always routes to 2 experts; this model uses "
+                                  f"num_experts_per_tok={output['num_experts_per_tok']}")
+        for key in _OUR_ONLY_FIELDS:
+            output.pop(key, None)
+        if output.get("head_dim") is None:
+            output.pop("head_dim", None)
+        output.update(model_type="phimoe", architectures=["PhimoeForCausalLM"])
+        from transformers import PhimoeConfig as config_class
+    else:
+        output.update(model_type="grinmoe", architectures=["GrinMoeForCausalLM"])
+        from .configuration_grin_moe import GrinMoeConfig as config_class
+    try:
+        config_class(**{key: value for key, value in output.items() if key not in ("model_type", "architectures")})
+    except Exception as error:  # the target's own validation, reported as a conversion error
+        raise ConversionError(f"the translated config is not a valid {to} config: {error}") from error
+    return output
+
+
+def _source_shards(source: Path) -> list[Path]:
+    index = source / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in names if not (source / name).is_file()]
+        if missing:
+            raise ConversionError(f"{source} is missing shard(s) listed in its index: {', '.join(missing)}")
+        return [source / name for name in names]
+    if (source / "model.safetensors").is_file():
+        return [source / "model.safetensors"]
+    if any(source.glob("*.bin")) or any(source.glob("*.pt")) or any(source.glob("*.pth")):
+        raise ConversionError(f"{source} holds only pickle weights, which are never loaded; save them as safetensors")
+    raise ConversionError(f"{source} has no safetensors weights")
+
+
+def _released_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the released per-expert name(s) for one source tensor (fused 3-D experts are split)."""
+    if name.endswith(".mlp.experts.gate_up_proj"):
+        prefix = name[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts"
+        for expert, weight in enumerate(tensor):
+            gate, up = weight.chunk(2, dim=0)
+            yield f"{prefix}.{expert}.w1.weight", gate.contiguous()
+            yield f"{prefix}.{expert}.w3.weight", up.contiguous()
+    elif name.endswith(".mlp.experts.down_proj"):
+        prefix = name[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts"
+        for expert, weight in enumerate(tensor):
+            yield f"{prefix}.{expert}.w2.weight", weight.contiguous()
+    elif name.endswith(".mlp.router.weight"):
+        yield name.replace(".mlp.router.weight", ".block_sparse_moe.gate.weight"), tensor
+    else:
+        yield name, tensor
+
+
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+def _check_against_config(name: str, tensor: torch.Tensor, config: dict) -> None:
+    match = _EXPERT_KEY.search(name)
+    if match:
+        expert, matrix = int(match.group(2)), match.group(3)
+        hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+        if expert >= config["num_local_experts"]:
+            raise ConversionError(f"{name}: expert {expert} but the config has num_local_experts="
+                                  f"{config['num_local_experts']}")
+        expected = (hidden, intermediate) if matrix == "w2" else (intermediate, hidden)
+    elif name.endswith("block_sparse_moe.gate.weight"):
+        expected = (config["num_local_experts"], config["hidden_size"])
+    elif name == "model.embed_tokens.weight":
+        expected = (config["vocab_size"], config["hidden_size"])
+    else:
+        return
+    if tuple(tensor.shape) != expected:
+        raise ConversionError(f"{name} has shape {tuple(tensor.shape)}, the config implies {expected}")
+
+
+def _checksum(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def convert_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    to: str,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = False,
+) -> dict:
+    """Convert the checkpoint folder `source` into `destination` in format `to`; returns a summary.
+
+    Raises `ConversionError` (a `ValueError`) with a clear message, leaving no partial destination.
+    """
+    source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        raise ConversionError(f"{source} has no config.json")
+    if destination.exists() and not force:
+        raise ConversionError(f"{destination} exists; pass --force to replace it")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    config = translate_config(json.loads((source / "config.json").read_text()), to, dtype)
+    shards = _source_shards(source)
+    limit = parse_size(max_shard_size)
+
+    temporary = destination.parent / f".{destination.name}.converting-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        manifest = _write_shards(shards, temporary, config, dtype, limit)
+        (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "tokenizer.model"):
+            if (source / extra).is_file():
+                shutil.copyfile(source / extra, temporary / extra)
+        if verify:
+            verify_checkpoint(temporary, manifest)
+        if destination.exists():
+            shutil.rmtree(destination)
+        temporary.rename(destination)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    return {"tensors": len(manifest), "bytes": sum(entry["bytes"] for entry in manifest.values()),
+            "shards": len({entry["file"] for entry in manifest.values()}), "verified": verify}
+
+
+def _write_shards(shards: list[Path], folder: Path, config: dict, dtype: str | None, limit: int) -> dict:
+    manifest, pending, pending_bytes, written = {}, {}, 0, []
+
+    def flush():
+        nonlocal pending, pending_bytes
+        if pending:
+            path = folder / f"part-{len(written) + 1:05d}.safetensors"
+            save_file(pending, path, metadata={"format": "pt"})
+            for name in pending:
+                manifest[name]["file"] = path.name
+            written.append(path)
+            pending, pending_bytes = {}, 0
+
+    progress = tqdm(shards, desc="converting shards", unit="shard")
+    for shard in progress:
+        try:
+            with safe_open(shard, framework="pt") as reader:
+                for name in reader.keys():
+                    for out_name, tensor in _released_tensors(name, reader.get_tensor(name)):
+                        if dtype is not None and tensor.is_floating_point():
+                            tensor = tensor.to(_DTYPES[dtype])
+                        _check_against_config(out_name, tensor, config)
+                        if out_name in manifest:
+                            raise ConversionError(f"tensor {out_name} appears twice in the source")
+                        size = tensor.numel() * tensor.element_size()
+                        if pending and pending_bytes + size > limit:
+                            flush()
+                        pending[out_name] = tensor
+                        pending_bytes += size
+                        manifest[out_name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype),
+                                              "bytes": size, "sha256": _checksum(tensor)}
+        except ConversionError:
+            raise
+        except Exception as error:  # unreadable shard: truncated, corrupt, wrong format
+            raise ConversionError(f"cannot read {shard.name}: {error}") from error
+    flush()
+
+    expected_experts = config["num_local_experts"]
+    for layer in range(config["num_hidden_layers"]):
+        for expert in range(expected_experts):
+            for matrix in ("w1", "w2", "w3"):
+                name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{matrix}.weight"
+                if name not in manifest:
+                    raise ConversionError(f"{name} is missing from the source for the config's "
+                                          f"{config['num_hidden_layers']} layers x {expected_experts} experts")
+
+    total = len(written)
+    weight_map = {}
+    for number, path in enumerate(written, start=1):
+        final = path.with_name(f"model-{number:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors")
+        path.rename(final)
+        for name, entry in manifest.items():
+            if entry["file"] == path.name:
+                entry["file"] = final.name
+                weight_map[name] = final.name
+    if total > 1:
+        index = {"metadata": {"total_size": sum(e["bytes"] for e in manifest.values())}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def verify_checkpoint(folder: str | Path, manifest: dict) -> None:
+    """Every tensor of `manifest` is in `folder` with its shape, dtype and checksum; nothing else is."""
+    folder = Path(folder)
+    seen = set()
+    for shard in _source_shards(folder):
+        with safe_open(shard, framework="pt") as reader:
+            for name in reader.keys():
+                entry = manifest.get(name)
+                if entry is None:
+                    raise ConversionError(f"verify: unexpected tensor {name} in {shard.name}")
+                tensor = reader.get_tensor(name)
+                if list(tensor.shape) != entry["shape"] or str(tensor.dtype) != entry["dtype"]:
+                    raise ConversionError(f"verify: {name} is {tuple(tensor.shape)} {tensor.dtype}, expected "
+                                          f"{tuple(entry['shape'])} {entry['dtype']}")
+                if _checksum(tensor) != entry["sha256"]:
+                    raise ConversionError(f"verify: checksum of {name} differs")
+                seen.add(name)
+    missing = set(manifest) - seen
+    if missing:
+        raise ConversionError(f"verify: {len(missing)} tensor(s) missing, e.g. {sorted(missing)[0]}")

@@ -1,0 +1,173 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import RELEASED_GRIN_CONFIG, TINY_SIZES, rewrite_as_phimoe, tiny_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, PhimoeForCausalLM
+
+from modeling_grin.cli import main
+from modeling_grin.conversion import ConversionError, convert_checkpoint, parse_size
+
+
+def tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as reader:
+            out.update({name: reader.get_tensor(name) for name in reader.keys()})
+    return out
+
+
+@pytest.fixture
+def sharded_grin(tmp_path):
+    model = tiny_model()
+    folder = tmp_path / "grin"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    assert len(list(folder.glob("*.safetensors"))) > 3
+    return model, folder
+
+
+def test_round_trip_grin_phimoe_grin_is_exact_and_loads(sharded_grin, tmp_path):
+    model, folder = sharded_grin
+    convert_checkpoint(folder, tmp_path / "phi", to="phimoe", max_shard_size="30KB", verify=True)
+    phimoe = PhimoeForCausalLM.from_pretrained(tmp_path / "phi").eval()
+    input_ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (phimoe(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-5
+    convert_checkpoint(tmp_path / "phi", tmp_path / "back", to="grinmoe", verify=True)
+    original, back = tensors(folder), tensors(tmp_path / "back")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_released_config_and_fused_layout_become_per_expert(tmp_path):
+    model = tiny_model()
+    source = tmp_path / "fused"
+    source.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, source / "model.safetensors")  # 3-D experts
+    config = {**RELEASED_GRIN_CONFIG, **{k: v for k, v in TINY_SIZES.items() if k != "pad_token_id"}}
+    (source / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(source, tmp_path / "out", to="grinmoe", dtype="bfloat16", verify=True)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "auto_map" not in written and written["rope_theta"] == 10000.0 and written["dtype"] == "bfloat16"
+    out = tensors(tmp_path / "out")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in out and not any("gate_up" in k for k in out)
+    assert all(t.dtype == torch.bfloat16 for t in out.values())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    expected = model.model.layers[1].mlp.experts.gate_up_proj.bfloat16()
+    assert torch.equal(loaded.model.layers[1].mlp.experts.gate_up_proj, expected)
+
+
+def test_phimoe_source_keeps_its_rope_default(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "phi")
+    rewrite_as_phimoe(tmp_path / "phi")
+    config = json.loads((tmp_path / "phi" / "config.json").read_text())
+    config.pop("rope_parameters")
+    (tmp_path / "phi" / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(tmp_path / "phi", tmp_path / "grin", to="grinmoe")
+    assert json.loads((tmp_path / "grin" / "config.json").read_text())["rope_theta"] == 1_000_000.0
+
+
+def assert_no_output(tmp_path, name):
+    assert not (tmp_path / name).exists()
+    assert not list(tmp_path.glob(f".{name}.converting-*"))
+
+
+def test_truncated_shard_is_a_clear_error_and_leaves_nothing(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    shard = sorted(folder.glob("model-*.safetensors"))[2]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match=f"cannot read {shard.name}"):
+        convert_checkpoint(folder, tmp_path / "out", to="phimoe")
+    assert_no_output(tmp_path, "out")
+
+
+def test_missing_shard(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    sorted(folder.glob("model-*.safetensors"))[1].unlink()
+    with pytest.raises(ConversionError, match="missing shard"):
+        convert_checkpoint(folder, tmp_path / "out", to="phimoe")
+    assert_no_output(tmp_path, "out")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("intermediate_size", 20, "shape"),
+    ("num_local_experts", 3, "num_local_experts=3"),
+    ("num_hidden_layers", 3, "missing from the source"),
+])
+def test_config_that_does_not_match_the_tensors(sharded_grin, tmp_path, field, value, message):
+    _, folder = sharded_grin
+    config = json.loads((folder / "config.json").read_text())
+    config[field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(folder, tmp_path / "out", to="grinmoe")
+    assert_no_output(tmp_path, "out")
+
+
+def test_existing_destination_needs_force(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConversionError, match="--force"):
+        convert_checkpoint(folder, tmp_path / "out", to="grinmoe")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    convert_checkpoint(folder, tmp_path / "out", to="grinmoe", force=True)
+    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_unsupported_requests(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 3}))
+    with pytest.raises(ConversionError, match="always routes to 2"):
+        convert_checkpoint(folder, tmp_path / "out", to="phimoe")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps(config))
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ConversionError, match="never loaded"):
+        convert_checkpoint(pickled, tmp_path / "out", to="grinmoe")
+    with pytest.raises(ConversionError, match="size"):
+        parse_size("five gigabytes")
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536
+
+
+def test_cli_and_script(sharded_grin, tmp_path, capsys):
+    _, folder = sharded_grin
+    assert main(["convert", str(folder), str(tmp_path / "a"), "--to", "phimoe", "--verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+    assert main(["convert", str(folder), str(tmp_path / "a"), "--to", "phimoe"]) == 2
+    assert "--force" in capsys.readouterr().err
+    script = [sys.executable, "conversion_scripts/convert_grin_moe.py", str(folder), str(tmp_path / "b"), "--to",
+              "grinmoe"]
+    assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+
+
+def test_killing_the_converter_leaves_no_destination(tmp_path):
+    model = tiny_model(num_hidden_layers=2)
+    big = tmp_path / "big"
+    model.save_pretrained(big, max_shard_size="4KB")
+    command = [sys.executable, "-c", (
+        "import sys, time, modeling_grin.conversion as c\n"
+        "original = c._checksum\n"
+        "def slow(t):\n    time.sleep(0.05)\n    return original(t)\n"
+        "c._checksum = slow\n"
+        f"c.convert_checkpoint({str(big)!r}, {str(tmp_path / 'out')!r}, to='grinmoe')\n"
+    )]
+    process = subprocess.Popen(command)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".out.converting-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "out").exists()
