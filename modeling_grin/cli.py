@@ -55,6 +55,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upcycle(args: argparse.Namespace) -> int:
+    from .conversion import upcycle_checkpoint
+
+    summary = upcycle_checkpoint(
+        args.source, args.destination, num_experts=args.num_experts, top_k=args.top_k, router_type=args.router_type,
+        noise_std=args.noise_std, router_init_std=args.router_init_std, seed=args.seed, dtype=args.dtype,
+        max_shard_size=args.max_shard_size, force=args.force, verify=args.verify,
+    )
+    print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
+          f"{summary['shards']} shard(s){', verified' if summary['verified'] else ''}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -112,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--force", action="store_true", help="replace an existing destination")
     convert.add_argument("--verify", action="store_true", help="re-read the output: presence, shape, checksum")
     convert.set_defaults(handler=_convert)
+
+    upcycle = commands.add_parser(
+        "upcycle",
+        help="turn a dense Llama/Mistral/Phi-3 checkpoint into a GRIN-MoE whose experts start as its MLP",
+        description="Sparse upcycling: copy each layer's MLP into every expert (optionally with noise), draw the "
+        "router, keep everything else. With softmax_topk routing and no noise the result computes the dense model.",
+    )
+    upcycle.add_argument("source", help="dense checkpoint folder (config.json + safetensors)")
+    upcycle.add_argument("destination", help="folder to create")
+    upcycle.add_argument("--num-experts", type=_positive_int, required=True)
+    upcycle.add_argument("--top-k", type=_positive_int, required=True)
+    upcycle.add_argument("--router-type", choices=["softmax_topk", "sparsemixer_v2"], default="softmax_topk",
+                         help="routing of the new model (default: %(default)s, which preserves the dense function)")
+    upcycle.add_argument("--noise-std", type=float, default=0.0, help="expert noise, relative to each matrix's std")
+    upcycle.add_argument("--router-init-std", type=float, default=0.02)
+    upcycle.add_argument("--seed", type=int, default=0)
+    upcycle.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
+    upcycle.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
+    upcycle.add_argument("--force", action="store_true", help="replace an existing destination")
+    upcycle.add_argument("--verify", action="store_true", help="re-read the output: presence, shape, checksum")
+    upcycle.set_defaults(handler=_upcycle)
     return parser
 
 

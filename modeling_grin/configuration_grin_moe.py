@@ -6,6 +6,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_TYPES = ("sparsemixer_v2", "softmax_topk")
+NORM_TYPES = ("layernorm", "rmsnorm")
 
 # The released microsoft/GRIN-MoE config.json points AutoConfig/AutoModelForCausalLM at Hub remote-code files with
 # these module names. Our registered classes replace them, so the entries are dropped instead of saved back.
@@ -35,6 +36,7 @@ def validate_moe_fields(config) -> None:
     _require(1 <= config.num_experts_per_tok <= config.num_local_experts, "num_experts_per_tok",
              f"in 1..num_local_experts (1..{config.num_local_experts})", config.num_experts_per_tok)
     _require(config.router_type in ROUTER_TYPES, "router_type", f"one of {ROUTER_TYPES}", config.router_type)
+    _require(config.norm_type in NORM_TYPES, "norm_type", f"one of {NORM_TYPES}", config.norm_type)
     _require(config.router_jitter_noise >= 0, "router_jitter_noise", "non-negative", config.router_jitter_noise)
     _require(0 <= config.input_jitter_noise < 1, "input_jitter_noise", "in [0, 1)", config.input_jitter_noise)
     _require(config.router_aux_loss_coef >= 0, "router_aux_loss_coef", "non-negative", config.router_aux_loss_coef)
@@ -93,6 +95,8 @@ class GrinMoeConfig(PreTrainedConfig):
             Only for `softmax_topk`: renormalise the top-k softmax weights to sum to one (Mixtral) or not (GShard).
         head_dim (`int`, *optional*):
             Attention head size; defaults to `hidden_size // num_attention_heads`.
+        norm_type (`str`, defaults to `"layernorm"`):
+            GRIN's LayerNorm with bias, or `"rmsnorm"` (e.g. for models upcycled from Llama/Phi-3 checkpoints).
     """
 
     model_type = "grinmoe"
@@ -143,6 +147,7 @@ class GrinMoeConfig(PreTrainedConfig):
     input_jitter_noise: float | int = 0.01
     output_router_logits: bool = False
     router_aux_loss_coef: float | int = 0.001
+    norm_type: str = "layernorm"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

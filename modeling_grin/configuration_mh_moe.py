@@ -6,8 +6,6 @@ from huggingface_hub.dataclasses import strict
 
 from .configuration_grin_moe import GrinMoeConfig
 
-NORM_TYPES = ("layernorm", "rmsnorm")
-
 
 @strict
 class MhMoeConfig(GrinMoeConfig):
@@ -82,8 +80,6 @@ class MhMoeConfig(GrinMoeConfig):
                 "`shared_expert_intermediate_size` must be >= 0 (0: none), "
                 f"got {self.shared_expert_intermediate_size!r}"
             )
-        if self.norm_type not in NORM_TYPES:
-            raise ValueError(f"`norm_type` must be one of {NORM_TYPES}, got {self.norm_type!r}")
         super().__post_init__(**kwargs)
 
     @property

@@ -93,6 +93,20 @@ def _source_shards(source: Path) -> list[Path]:
     raise ConversionError(f"{source} has no safetensors weights")
 
 
+def _read_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every (name, tensor) of the source, lazily, shard by shard; unreadable shards become a `ConversionError`."""
+    for shard in tqdm(shards, desc="converting shards", unit="shard"):
+        try:
+            with safe_open(shard, framework="pt") as reader:
+                names = list(reader.keys())
+                for name in names:
+                    yield name, reader.get_tensor(name)
+        except ConversionError:
+            raise
+        except Exception as error:  # truncated, corrupt or not safetensors
+            raise ConversionError(f"cannot read {shard.name}: {error}") from error
+
+
 def _released_tensors(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield the released per-expert name(s) for one source tensor (fused 3-D experts are split)."""
     if name.endswith(".mlp.experts.gate_up_proj"):
@@ -158,14 +172,20 @@ def convert_checkpoint(
     if dtype is not None and dtype not in _DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     config = translate_config(json.loads((source / "config.json").read_text()), to, dtype)
-    shards = _source_shards(source)
-    limit = parse_size(max_shard_size)
+    tensors = (
+        renamed for name, tensor in _read_tensors(_source_shards(source)) for renamed in _released_tensors(name, tensor)
+    )
+    return _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify)
 
+
+def _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify) -> dict:
+    """Write `tensors` and `config` atomically into `destination` (see the module note); returns a summary."""
+    limit = parse_size(max_shard_size)
     temporary = destination.parent / f".{destination.name}.converting-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     try:
-        manifest = _write_shards(shards, temporary, config, dtype, limit)
+        manifest = _write_shards(tensors, temporary, config, dtype, limit)
         (temporary / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for extra in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "tokenizer.model"):
@@ -183,7 +203,7 @@ def convert_checkpoint(
             "shards": len({entry["file"] for entry in manifest.values()}), "verified": verify}
 
 
-def _write_shards(shards: list[Path], folder: Path, config: dict, dtype: str | None, limit: int) -> dict:
+def _write_shards(tensors, folder: Path, config: dict, dtype: str | None, limit: int) -> dict:
     manifest, pending, pending_bytes, written = {}, {}, 0, []
 
     def flush():
@@ -196,28 +216,19 @@ def _write_shards(shards: list[Path], folder: Path, config: dict, dtype: str | N
             written.append(path)
             pending, pending_bytes = {}, 0
 
-    progress = tqdm(shards, desc="converting shards", unit="shard")
-    for shard in progress:
-        try:
-            with safe_open(shard, framework="pt") as reader:
-                for name in reader.keys():
-                    for out_name, tensor in _released_tensors(name, reader.get_tensor(name)):
-                        if dtype is not None and tensor.is_floating_point():
-                            tensor = tensor.to(_DTYPES[dtype])
-                        _check_against_config(out_name, tensor, config)
-                        if out_name in manifest:
-                            raise ConversionError(f"tensor {out_name} appears twice in the source")
-                        size = tensor.numel() * tensor.element_size()
-                        if pending and pending_bytes + size > limit:
-                            flush()
-                        pending[out_name] = tensor
-                        pending_bytes += size
-                        manifest[out_name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype),
-                                              "bytes": size, "sha256": _checksum(tensor)}
-        except ConversionError:
-            raise
-        except Exception as error:  # unreadable shard: truncated, corrupt, wrong format
-            raise ConversionError(f"cannot read {shard.name}: {error}") from error
+    for name, tensor in tensors:
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(_DTYPES[dtype])
+        _check_against_config(name, tensor, config)
+        if name in manifest:
+            raise ConversionError(f"tensor {name} appears twice in the source")
+        size = tensor.numel() * tensor.element_size()
+        if pending and pending_bytes + size > limit:
+            flush()
+        pending[name] = tensor
+        pending_bytes += size
+        manifest[name] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype), "bytes": size,
+                          "sha256": _checksum(tensor)}
     flush()
 
     expected_experts = config["num_local_experts"]
@@ -264,3 +275,120 @@ def verify_checkpoint(folder: str | Path, manifest: dict) -> None:
     missing = set(manifest) - seen
     if missing:
         raise ConversionError(f"verify: {len(missing)} tensor(s) missing, e.g. {sorted(missing)[0]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sparse upcycling: a dense Llama / Mistral / Phi-3 checkpoint becomes a GRIN-MoE whose experts all start as its MLP.
+
+UPCYCLE_SOURCES = ("llama", "mistral", "phi3")
+_DENSE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+    "attention_dropout", "sliding_window", "dtype", "torch_dtype",
+)
+
+
+def upcycled_config(dense: dict, num_experts: int, top_k: int, router_type: str, dtype: str | None = None) -> dict:
+    """The GRIN-MoE config of a dense model upcycled to `num_experts` copies of its MLP."""
+    if dense.get("model_type") not in UPCYCLE_SOURCES:
+        raise ConversionError(f"upcycling reads {', '.join(UPCYCLE_SOURCES)} checkpoints, got "
+                              f"model_type {dense.get('model_type')!r}")
+    config = {key: dense[key] for key in _DENSE_FIELDS if key in dense}
+    if "rope_theta" not in config and not config.get("rope_parameters") and not config.get("rope_scaling"):
+        config["rope_theta"] = 10000.0  # the dense classes' default
+    config.update(
+        model_type="grinmoe", architectures=["GrinMoeForCausalLM"], norm_type="rmsnorm",
+        attention_bias=bool(dense.get("attention_bias", False)), lm_head_bias=False,
+        sliding_window=dense.get("sliding_window"), num_local_experts=num_experts, num_experts_per_tok=top_k,
+        router_type=router_type, router_renormalize=True, input_jitter_noise=0.0,
+    )
+    if dtype is not None:
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+    from .configuration_grin_moe import GrinMoeConfig
+
+    try:
+        GrinMoeConfig(**{key: value for key, value in config.items() if key not in ("model_type", "architectures")})
+    except Exception as error:
+        raise ConversionError(f"the upcycled config is not a valid grinmoe config: {error}") from error
+    return config
+
+
+_DENSE_MLP = re.compile(r"^(model\.layers\.(\d+))\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)\.weight$")
+_FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn)\.qkv_proj\.(weight|bias)$")
+
+
+def _upcycled_tensors(
+    name: str, tensor: torch.Tensor, config: dict, noise_std: float, router_init_std: float, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    qkv = _FUSED_QKV.match(name)
+    if qkv:  # Phi-3 fuses q, k and v
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        sizes = [config["num_attention_heads"] * head_dim] + [config["num_key_value_heads"] * head_dim] * 2
+        for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes, dim=0), strict=True):
+            yield f"{qkv.group(1)}.{projection}.{qkv.group(2)}", part.contiguous()
+        return
+    mlp = _DENSE_MLP.match(name)
+    if not mlp:
+        yield name, tensor
+        return
+    prefix, layer, matrix = mlp.group(1), int(mlp.group(2)), mlp.group(3)
+    if matrix == "gate_up_proj":  # Phi-3 fuses gate and up
+        gate, up = tensor.chunk(2, dim=0)
+        yield from _upcycled_tensors(f"{prefix}.mlp.gate_proj.weight", gate.contiguous(), config, noise_std,
+                                     router_init_std, seed)
+        yield from _upcycled_tensors(f"{prefix}.mlp.up_proj.weight", up.contiguous(), config, noise_std,
+                                     router_init_std, seed)
+        return
+    expert_name = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}[matrix]
+    matrix_id = ("gate_proj", "up_proj", "down_proj").index(matrix)
+    scale = noise_std * tensor.float().std().item()
+    for expert in range(config["num_local_experts"]):
+        weight = tensor.clone()  # safetensors stores no shared memory; each copy counts towards its shard's size
+        if scale > 0:  # seeded per (layer, expert, matrix), so the result does not depend on shard order
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + expert * 3 + matrix_id)
+            weight = (tensor.float() + scale * torch.randn(tensor.shape, generator=generator)).to(tensor.dtype)
+        yield f"{prefix}.block_sparse_moe.experts.{expert}.{expert_name}.weight", weight
+    if matrix == "down_proj":
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+        router = torch.randn(config["num_local_experts"], config["hidden_size"], generator=generator) * router_init_std
+        yield f"{prefix}.block_sparse_moe.gate.weight", router.to(tensor.dtype)
+
+
+def upcycle_checkpoint(
+    source: str | Path,
+    destination: str | Path,
+    num_experts: int,
+    top_k: int,
+    router_type: str = "softmax_topk",
+    noise_std: float = 0.0,
+    router_init_std: float = 0.02,
+    seed: int = 0,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    verify: bool = False,
+) -> dict:
+    """Sparse upcycling: every expert of every layer starts as the dense checkpoint's MLP (plus optional noise of
+    `noise_std` times each matrix's standard deviation) and the router is drawn from N(0, router_init_std²).
+
+    With `router_type="softmax_topk"` (renormalised weights summing to one) and no noise the upcycled model computes
+    exactly the dense model's function at the start; SparseMixer-v2's weights do not sum to one, so it does not.
+    """
+    source, destination = Path(source), Path(destination)
+    if not (source / "config.json").is_file():
+        raise ConversionError(f"{source} has no config.json")
+    if destination.exists() and not force:
+        raise ConversionError(f"{destination} exists; pass --force to replace it")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if noise_std < 0 or router_init_std < 0:
+        raise ConversionError("noise_std and router_init_std must be non-negative")
+    config = upcycled_config(json.loads((source / "config.json").read_text()), num_experts, top_k, router_type, dtype)
+    tensors = (
+        upcycled
+        for name, tensor in _read_tensors(_source_shards(source))
+        for upcycled in _upcycled_tensors(name, tensor, config, noise_std, router_init_std, seed)
+    )
+    return _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify)

@@ -137,8 +137,8 @@ class GrinMoeSparseMoeBlock(nn.Module):
 
 
 def build_norm(config) -> nn.Module:
-    """GRIN uses LayerNorm with bias (eps from `rms_norm_eps`); MH-MoE configs may ask for RMSNorm."""
-    if getattr(config, "norm_type", "layernorm") == "rmsnorm":
+    """GRIN's LayerNorm with bias (eps from `rms_norm_eps`), or RMSNorm when `norm_type="rmsnorm"`."""
+    if config.norm_type == "rmsnorm":
         return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
     return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
 
