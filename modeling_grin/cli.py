@@ -43,6 +43,14 @@ def _card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verified(summary: dict) -> str:
+    if not summary["verified"]:
+        return ""
+    if summary["logits_difference"] is None:
+        return ", verified (tensors)"
+    return f", verified (tensors; logits within {summary['logits_difference']:.1e} of the source)"
+
+
 def _convert(args: argparse.Namespace) -> int:
     from .conversion import convert_checkpoint
 
@@ -51,7 +59,7 @@ def _convert(args: argparse.Namespace) -> int:
         force=args.force, verify=args.verify,
     )
     print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
-          f"{summary['shards']} shard(s){', verified' if summary['verified'] else ''}")
+          f"{summary['shards']} shard(s){_verified(summary)}")
     return 0
 
 
@@ -64,7 +72,7 @@ def _upcycle(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size, force=args.force, verify=args.verify,
     )
     print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
-          f"{summary['shards']} shard(s){', verified' if summary['verified'] else ''}")
+          f"{summary['shards']} shard(s){_verified(summary)}")
     return 0
 
 

@@ -178,8 +178,29 @@ def convert_checkpoint(
     return _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify)
 
 
-def _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify) -> dict:
-    """Write `tensors` and `config` atomically into `destination` (see the module note); returns a summary."""
+# --verify compares logits of source and result only below this size (both models are loaded in fp32 on the CPU).
+VERIFY_LOGITS_MAX_BYTES = 2 * 2**30
+
+
+def logits_difference(source: Path, result: Path, seed: int = 0) -> float:
+    """Max |logits difference| / max |source logits| of the two checkpoints on random tokens, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    converted = AutoModelForCausalLM.from_pretrained(result, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(reference.config.vocab_size, (2, 16), generator=generator)
+    with torch.no_grad():
+        expected = reference(input_ids).logits
+        return ((converted(input_ids).logits - expected).abs().max() / expected.abs().max()).item()
+
+
+def _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify, same_function=True) -> dict:
+    """Write `tensors` and `config` atomically into `destination` (see the module note); returns a summary.
+
+    With `verify`, the written tensors are re-read and, when the model is small enough and `same_function` holds,
+    its logits are compared with the source's (within 1e-4 relative, or 5e-2 after a cast to 16-bit).
+    """
     limit = parse_size(max_shard_size)
     temporary = destination.parent / f".{destination.name}.converting-{os.getpid()}"
     shutil.rmtree(temporary, ignore_errors=True)
@@ -191,8 +212,16 @@ def _write_checkpoint(source, destination, config, tensors, dtype, max_shard_siz
                       "tokenizer.model"):
             if (source / extra).is_file():
                 shutil.copyfile(source / extra, temporary / extra)
+        logits_check = None
         if verify:
             verify_checkpoint(temporary, manifest)
+            total = sum(entry["bytes"] for entry in manifest.values())
+            if same_function and total <= VERIFY_LOGITS_MAX_BYTES:
+                logits_check = logits_difference(source, temporary)
+                tolerance = 5e-2 if dtype in ("bfloat16", "float16") else 1e-4
+                if not logits_check <= tolerance:
+                    raise ConversionError(f"verify: logits differ from the source by {logits_check:.2e} (relative), "
+                                          f"above {tolerance:.0e}")
         if destination.exists():
             shutil.rmtree(destination)
         temporary.rename(destination)
@@ -200,7 +229,8 @@ def _write_checkpoint(source, destination, config, tensors, dtype, max_shard_siz
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     return {"tensors": len(manifest), "bytes": sum(entry["bytes"] for entry in manifest.values()),
-            "shards": len({entry["file"] for entry in manifest.values()}), "verified": verify}
+            "shards": len({entry["file"] for entry in manifest.values()}), "verified": verify,
+            "logits_difference": logits_check}
 
 
 def _write_shards(tensors, folder: Path, config: dict, dtype: str | None, limit: int) -> dict:
@@ -391,4 +421,5 @@ def upcycle_checkpoint(
         for name, tensor in _read_tensors(_source_shards(source))
         for upcycled in _upcycled_tensors(name, tensor, config, noise_std, router_init_std, seed)
     )
-    return _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify)
+    same_function = router_type == "softmax_topk" and noise_std == 0  # otherwise the logits are meant to change
+    return _write_checkpoint(source, destination, config, tensors, dtype, max_shard_size, verify, same_function)

@@ -171,3 +171,22 @@ def test_killing_the_converter_leaves_no_destination(tmp_path):
     process.kill()
     process.wait()
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_compares_logits_with_the_source(sharded_grin, tmp_path, monkeypatch):
+    _, folder = sharded_grin
+    summary = convert_checkpoint(folder, tmp_path / "ok", to="phimoe", verify=True)
+    assert summary["logits_difference"] <= 1e-5
+    import modeling_grin.conversion as conversion
+
+    original = conversion._released_tensors
+
+    def corrupting(name, tensor):  # a converter bug: one expert written with the wrong sign
+        for out_name, out_tensor in original(name, tensor):
+            yield out_name, (-out_tensor if out_name.endswith("layers.1.block_sparse_moe.experts.2.w2.weight")
+                             else out_tensor)
+
+    monkeypatch.setattr(conversion, "_released_tensors", corrupting)
+    with pytest.raises(ConversionError, match="logits differ"):
+        convert_checkpoint(folder, tmp_path / "bad", to="phimoe", verify=True)
+    assert_no_output(tmp_path, "bad")

@@ -26,7 +26,8 @@ def dense_model(kind):
 def test_upcycled_model_computes_the_dense_function(tmp_path, kind):
     dense = dense_model(kind)
     dense.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
-    upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, verify=True)
+    summary = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, verify=True)
+    assert summary["logits_difference"] <= 1e-5
     moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert type(moe) is GrinMoeForCausalLM and moe.config.num_local_experts == 4 and moe.config.norm_type == "rmsnorm"
     experts = moe.model.layers[1].mlp.experts
