@@ -190,3 +190,14 @@ def test_verify_compares_logits_with_the_source(sharded_grin, tmp_path, monkeypa
     with pytest.raises(ConversionError, match="logits differ"):
         convert_checkpoint(folder, tmp_path / "bad", to="phimoe", verify=True)
     assert_no_output(tmp_path, "bad")
+
+
+def test_phi35_style_longrope_checkpoint_converts_with_equal_logits(tmp_path):
+    rope_scaling = {"type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 2.5, 4.0, 8.0],
+                    "short_mscale": 1.1, "long_mscale": 1.243163121016122, "original_max_position_embeddings": 8}
+    tiny_model(rope_scaling=rope_scaling, sliding_window=None).save_pretrained(tmp_path / "phi35")
+    rewrite_as_phimoe(tmp_path / "phi35")
+    summary = convert_checkpoint(tmp_path / "phi35", tmp_path / "grin", to="grinmoe", verify=True)
+    assert summary["logits_difference"] <= 1e-5
+    written = json.loads((tmp_path / "grin" / "config.json").read_text())
+    assert written["rope_parameters"]["rope_type"] == "longrope" and written["model_type"] == "grinmoe"
