@@ -179,6 +179,18 @@ class GrinMoeDecoderLayer(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
+def micro_batch_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor | float:
+    """This micro-batch's share of the label tokens of the whole accumulated batch (1 outside accumulation).
+
+    Under gradient accumulation transformers' Trainer passes `num_items_in_batch` and does not average the micro-batch
+    losses: the LM loss is normalised by it, and the aux loss must be weighted by this share, or N accumulation steps
+    give N times the aux gradient of one N-times-larger batch (transformers' own MoE models have that bug).
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    return (labels[..., 1:] != -100).sum() / num_items_in_batch
+
+
 class GrinMoePreTrainedModel(PreTrainedModel):
     config: GrinMoeConfig
     base_model_prefix = "model"
@@ -332,7 +344,8 @@ class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
                 outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask
             )
             if loss is not None and aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                share = micro_batch_share(labels, kwargs.get("num_items_in_batch"))
+                loss = loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
 
         return MoeCausalLMOutputWithPast(
             loss=loss,
