@@ -6,6 +6,7 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 ROUTER_TYPES = ("sparsemixer_v2", "softmax_topk")
+LOAD_BALANCING = ("local", "global")
 NORM_TYPES = ("layernorm", "rmsnorm")
 
 # The released microsoft/GRIN-MoE config.json points AutoConfig/AutoModelForCausalLM at Hub remote-code files with
@@ -40,6 +41,9 @@ def validate_moe_fields(config) -> None:
     _require(config.router_jitter_noise >= 0, "router_jitter_noise", "non-negative", config.router_jitter_noise)
     _require(0 <= config.input_jitter_noise < 1, "input_jitter_noise", "in [0, 1)", config.input_jitter_noise)
     _require(config.router_aux_loss_coef >= 0, "router_aux_loss_coef", "non-negative", config.router_aux_loss_coef)
+    _require(config.router_z_loss_coef >= 0, "router_z_loss_coef", "non-negative", config.router_z_loss_coef)
+    _require(config.load_balancing in LOAD_BALANCING, "load_balancing", f"one of {LOAD_BALANCING}",
+             config.load_balancing)
     _require(0 <= config.attention_dropout < 1, "attention_dropout", "in [0, 1)", config.attention_dropout)
     _require(config.rms_norm_eps > 0, "rms_norm_eps", "positive", config.rms_norm_eps)
     _require(config.max_position_embeddings >= 1, "max_position_embeddings", "a positive integer",
@@ -95,6 +99,10 @@ class GrinMoeConfig(PreTrainedConfig):
             Only for `softmax_topk`: renormalise the top-k softmax weights to sum to one (Mixtral) or not (GShard).
         head_dim (`int`, *optional*):
             Attention head size; defaults to `hidden_size // num_attention_heads`.
+        load_balancing (`str`, defaults to `"local"`):
+            `"local"`: the load-balancing loss of each process's micro-batch; `"global"`: expert frequencies counted
+            over the whole data-parallel group (GRIN's recipe).
+        router_z_loss_coef (`float`, defaults to 0): weight of the router z-loss (ST-MoE), added to the LM loss.
         norm_type (`str`, defaults to `"layernorm"`):
             GRIN's LayerNorm with bias, or `"rmsnorm"` (e.g. for models upcycled from Llama/Phi-3 checkpoints).
     """
@@ -147,6 +155,8 @@ class GrinMoeConfig(PreTrainedConfig):
     input_jitter_noise: float | int = 0.01
     output_router_logits: bool = False
     router_aux_loss_coef: float | int = 0.001
+    load_balancing: str = "local"
+    router_z_loss_coef: float | int = 0.0
     norm_type: str = "layernorm"
 
     def __post_init__(self, **kwargs):

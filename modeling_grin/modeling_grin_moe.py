@@ -26,7 +26,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_grin_moe import GrinMoeConfig
 from .experts import SwiGLUExperts
-from .losses import load_balancing_loss
+from .losses import load_balancing_loss, router_z_loss
 from .sparsemixer import GrinMoeRouter
 
 # The released checkpoint stores `block_sparse_moe.gate` and one module per expert (`experts.N.w1/w2/w3`). These
@@ -341,11 +341,17 @@ class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
             if attention_mask is not None and attention_mask.dim() == 2:
                 token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :]
             aux_loss = load_balancing_loss(
-                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask
+                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask,
+                global_balance=self.config.load_balancing == "global",
             )
             if loss is not None and aux_loss is not None:
                 share = micro_batch_share(labels, kwargs.get("num_items_in_batch"))
-                loss = loss + self.config.router_aux_loss_coef * share * aux_loss.to(loss.device)
+                router_loss = self.config.router_aux_loss_coef * aux_loss
+                if self.config.router_z_loss_coef > 0:
+                    router_loss = router_loss + self.config.router_z_loss_coef * router_z_loss(
+                        outputs.router_logits, token_mask
+                    )
+                loss = loss + share * router_loss.to(loss.device)
 
         return MoeCausalLMOutputWithPast(
             loss=loss,

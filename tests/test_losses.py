@@ -1,0 +1,62 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file, save_file
+
+from modeling_grin.losses import load_balancing_loss, router_z_loss
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_global_balance_over_two_processes_equals_one_process_on_the_concatenated_batch(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    batch, length = 4, 5  # rows are batch * length tokens; each rank gets two sequences
+    data = {f"layer{i}": torch.randn(batch * length, 6, generator=generator) for i in range(2)}
+    data["mask"] = torch.ones(batch, length)
+    data["mask"][1, :2] = 0
+    data["mask"][2, :3] = 0
+    save_file(data, tmp_path / "input.safetensors")
+    worker = Path(__file__).parent / "distributed" / "aux_loss_worker.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(worker), str(tmp_path / "input.safetensors"),
+               str(tmp_path / "out")]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    distributed = load_file(tmp_path / "out")
+
+    logits = [data[f"layer{i}"].clone().requires_grad_(True) for i in range(2)]
+    single = load_balancing_loss(tuple(logits), 6, 2, data["mask"])
+    single.backward()
+    assert torch.allclose(distributed["loss"], single.detach(), rtol=1e-5, atol=0)
+    for i in range(2):
+        assert torch.allclose(distributed[f"grad{i}"], logits[i].grad, rtol=1e-5, atol=1e-9)
+
+
+def test_global_balance_without_a_process_group_is_the_local_loss():
+    logits = (torch.randn(12, 6),)
+    assert torch.equal(load_balancing_loss(logits, 6, 2, global_balance=True), load_balancing_loss(logits, 6, 2))
+
+
+def test_router_z_loss_and_its_config_weight():
+    logits = torch.randn(10, 6)
+    mask = torch.ones(2, 5)
+    mask[0, :2] = 0
+    expected = (logits.logsumexp(-1).square() * mask.reshape(-1)).sum() / mask.sum()
+    assert torch.allclose(router_z_loss((logits,), mask), expected)
+
+    input_ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    plain = tiny_model()(input_ids, labels=input_ids, output_router_logits=True)
+    with_z = tiny_model(router_z_loss_coef=0.1)(input_ids, labels=input_ids, output_router_logits=True)
+    z = router_z_loss(with_z.router_logits)
+    assert torch.allclose(with_z.loss, plain.loss + 0.1 * z)
