@@ -56,3 +56,24 @@ def test_micro_batch_share(num_items, expected):
 
     labels = torch.ones(1, 12, dtype=torch.long)
     assert float(micro_batch_share(labels, num_items)) == pytest.approx(expected)
+
+
+def test_router_statistics_reach_the_trainer_logs(tmp_path):
+    from modeling_grin.training import add_router_statistics
+
+    model = tiny_model(output_router_logits=True).train()
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(1, 96, (8, 12), generator=torch.Generator())]
+    arguments = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                                  logging_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    trainer = Trainer(model=model, args=arguments, train_dataset=rows)
+    callback = add_router_statistics(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "router/entropy" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert 1.0 <= entry["router/mean_max_load_ratio"] <= entry["router/max_load_ratio"] <= 4.0
+        assert 0.0 < entry["router/entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
+        assert {"router/layer_0/max_load_ratio", "router/layer_1/max_load_ratio"} <= entry.keys()
+    model(rows[0]["input_ids"][None])  # after training the hooks are gone: nothing more is recorded
+    assert callback.statistics() == {}
