@@ -43,12 +43,15 @@ def _card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verified(summary: dict) -> str:
-    if not summary["verified"]:
-        return ""
-    if summary["logits_difference"] is None:
-        return ", verified (tensors)"
-    return f", verified (tensors; logits within {summary['logits_difference']:.1e} of the source)"
+def _print_written(destination: str, summary: dict) -> None:
+    verified = ""
+    if summary["verified"]:
+        verified = ", verified (tensors"
+        if summary["logits_difference"] is not None:
+            verified += f"; logits within {summary['logits_difference']:.1e} of the source"
+        verified += ")"
+    print(f"wrote {destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
+          f"{summary['shards']} shard(s){verified}")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -58,8 +61,7 @@ def _convert(args: argparse.Namespace) -> int:
         args.source, args.destination, to=args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
         force=args.force, verify=args.verify,
     )
-    print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
-          f"{summary['shards']} shard(s){_verified(summary)}")
+    _print_written(args.destination, summary)
     return 0
 
 
@@ -71,8 +73,7 @@ def _upcycle(args: argparse.Namespace) -> int:
         noise_std=args.noise_std, router_init_std=args.router_init_std, seed=args.seed, dtype=args.dtype,
         max_shard_size=args.max_shard_size, force=args.force, verify=args.verify,
     )
-    print(f"wrote {args.destination}: {summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB in "
-          f"{summary['shards']} shard(s){_verified(summary)}")
+    _print_written(args.destination, summary)
     return 0
 
 

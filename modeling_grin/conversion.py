@@ -151,6 +151,17 @@ def _checksum(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+def _check_request(source: Path, destination: Path, dtype: str | None, force: bool) -> dict:
+    """Checks common to every conversion, done before anything is written; returns the source config."""
+    if not (source / "config.json").is_file():
+        raise ConversionError(f"{source} has no config.json")
+    if destination.exists() and not force:
+        raise ConversionError(f"{destination} exists; pass --force to replace it")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return json.loads((source / "config.json").read_text())
+
+
 def convert_checkpoint(
     source: str | Path,
     destination: str | Path,
@@ -165,13 +176,8 @@ def convert_checkpoint(
     Raises `ConversionError` (a `ValueError`) with a clear message, leaving no partial destination.
     """
     source, destination = Path(source), Path(destination)
-    if not (source / "config.json").is_file():
-        raise ConversionError(f"{source} has no config.json")
-    if destination.exists() and not force:
-        raise ConversionError(f"{destination} exists; pass --force to replace it")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    config = translate_config(json.loads((source / "config.json").read_text()), to, dtype)
+    source_config = _check_request(source, destination, dtype, force)
+    config = translate_config(source_config, to, dtype)
     tensors = (
         renamed for name, tensor in _read_tensors(_source_shards(source)) for renamed in _released_tensors(name, tensor)
     )
@@ -407,15 +413,10 @@ def upcycle_checkpoint(
     exactly the dense model's function at the start; SparseMixer-v2's weights do not sum to one, so it does not.
     """
     source, destination = Path(source), Path(destination)
-    if not (source / "config.json").is_file():
-        raise ConversionError(f"{source} has no config.json")
-    if destination.exists() and not force:
-        raise ConversionError(f"{destination} exists; pass --force to replace it")
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConversionError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    source_config = _check_request(source, destination, dtype, force)
     if noise_std < 0 or router_init_std < 0:
         raise ConversionError("noise_std and router_init_std must be non-negative")
-    config = upcycled_config(json.loads((source / "config.json").read_text()), num_experts, top_k, router_type, dtype)
+    config = upcycled_config(source_config, num_experts, top_k, router_type, dtype)
     tensors = (
         upcycled
         for name, tensor in _read_tensors(_source_shards(source))
