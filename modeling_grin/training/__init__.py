@@ -1,5 +1,6 @@
-"""Training helpers (not part of the exported remote code): Trainer callbacks."""
+"""Training helpers (not part of the exported remote code): Trainer callbacks and LoRA."""
 
 from .callbacks import RouterStatisticsCallback, add_router_statistics
+from .lora import lora_config
 
-__all__ = ["RouterStatisticsCallback", "add_router_statistics"]
+__all__ = ["RouterStatisticsCallback", "add_router_statistics", "lora_config"]
