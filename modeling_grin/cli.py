@@ -84,6 +84,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _add_output_options(command: argparse.ArgumentParser) -> None:
+    """The options every checkpoint-writing command shares."""
+    command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
+    command.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
+    command.add_argument("--force", action="store_true", help="replace an existing destination")
+    command.add_argument(
+        "--verify", action="store_true",
+        help="re-read the output (presence, shape, checksum) and compare logits with the source when it is small",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grin-moe", description="GRIN-MoE and MH-MoE for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -129,10 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint folder (config.json + safetensors)")
     convert.add_argument("destination", help="folder to create")
     convert.add_argument("--to", required=True, choices=["grinmoe", "phimoe"], help="target format")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
-    convert.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
-    convert.add_argument("--force", action="store_true", help="replace an existing destination")
-    convert.add_argument("--verify", action="store_true", help="re-read the output: presence, shape, checksum")
+    _add_output_options(convert)
     convert.set_defaults(handler=_convert)
 
     upcycle = commands.add_parser(
@@ -150,10 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--noise-std", type=float, default=0.0, help="expert noise, relative to each matrix's std")
     upcycle.add_argument("--router-init-std", type=float, default=0.02)
     upcycle.add_argument("--seed", type=int, default=0)
-    upcycle.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
-    upcycle.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
-    upcycle.add_argument("--force", action="store_true", help="replace an existing destination")
-    upcycle.add_argument("--verify", action="store_true", help="re-read the output: presence, shape, checksum")
+    _add_output_options(upcycle)
     upcycle.set_defaults(handler=_upcycle)
     return parser
 
