@@ -1,0 +1,227 @@
+"""The Triton experts kernels against the eager experts: compiled on CUDA, else through Triton's CPU interpreter."""
+
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+pytest.importorskip("triton")
+
+from modeling_grin.modeling_grin_moe import GrinMoeExperts  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODULE = "modeling_grin.triton_experts"
+
+
+# Triton's interpreter must be chosen before `triton` is first imported (its own tl.zeros, tl.sum, ... are
+# @triton.jit functions made at that import), and importing modeling_grin or torch._dynamo already imports triton.
+# So without CUDA the kernel tests run in a child pytest started with TRITON_INTERPRET=1 (see the last test).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+IN_PROCESS = torch.cuda.is_available() or INTERPRETED
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    if not IN_PROCESS:
+        pytest.skip("no CUDA: run under TRITON_INTERPRET=1 by test_kernels_under_the_cpu_interpreter")
+    module = importlib.import_module(MODULE)
+    assert module.triton_available()
+    return module
+
+
+def make_experts(num_experts=4, top_k=2, seed=0, dtype=torch.float32):
+    config = tiny_config(num_local_experts=num_experts, num_experts_per_tok=top_k)  # H = 32, I = 24
+    torch.manual_seed(seed)
+    experts = GrinMoeExperts(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    experts.config._experts_implementation = "eager"
+    return experts.to(DEVICE, dtype)
+
+
+def random_routing(tokens, num_experts, top_k, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    return index.reshape(tokens, top_k).to(DEVICE), torch.rand(tokens, top_k, generator=generator).to(DEVICE)
+
+
+def forward_and_grads(experts, function, hidden, index, weights):
+    """Output and gradients w.r.t. hidden states, routing weights and both expert weights for a fixed upstream."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weights = weights.detach().clone().requires_grad_(True)
+    output = function(hidden, index, weights)
+    upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(1)).to(output)
+    parameters = (hidden, weights, experts.gate_up_proj, experts.down_proj)
+    grads = torch.autograd.grad((output * upstream).sum(), parameters)
+    names = ("hidden", "routing weights", "gate_up_proj", "down_proj")
+    return {"output": output.detach(), **dict(zip(names, grads, strict=True))}
+
+
+def triton_function(kernels, experts, **options):
+    def function(hidden, index, weights):
+        return kernels.triton_swiglu_experts(hidden, weights, index, experts.gate_up_proj, experts.down_proj, **options)
+
+    return function
+
+
+def relative_errors(experts, kernels, hidden, index, weights, **options):
+    reference = forward_and_grads(experts, experts, hidden, index, weights)
+    result = forward_and_grads(experts, triton_function(kernels, experts, **options), hidden, index, weights)
+    errors = {}
+    for name, expected in reference.items():
+        scale = expected.float().abs().max().clamp(min=1e-6)
+        errors[name] = ((result[name].float() - expected.float()).abs().max() / scale).item()
+    return errors, result
+
+
+def small_blocks(kernels):
+    """16-wide tiles: several column blocks, several reduction steps and ragged edges (I = 24) at the tiny sizes."""
+    return kernels.BlockSizes(rows=16, cols=16, inner=16)
+
+
+# Top-k 1 to 4 and a single token; "small" tiles give several column blocks and reduction steps with ragged edges.
+@pytest.mark.parametrize(
+    "tokens, top_k, tiles", [(1, 1, "default"), (1, 4, "small"), (13, 2, "small"), (13, 3, "default")]
+)
+def test_forward_and_every_gradient_match_eager(kernels, tokens, top_k, tiles):
+    experts = make_experts(top_k=top_k)
+    index, weights = random_routing(tokens, 4, top_k, seed=tokens)
+    hidden = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    blocks = small_blocks(kernels) if tiles == "small" else None
+    errors, _ = relative_errors(experts, kernels, hidden, index, weights, block_sizes=blocks)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_default_blocks_and_int32_indices(kernels):
+    experts = make_experts()
+    index, weights = random_routing(16, 4, 2)
+    hidden = torch.randn(16, 32).to(DEVICE)
+    errors, _ = relative_errors(experts, kernels, hidden, index.to(torch.int32), weights)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_all_tokens_to_one_expert_and_empty_experts(kernels):
+    experts = make_experts()
+    hidden = torch.randn(16, 32).to(DEVICE)
+    one_expert = torch.full((16, 1), 2, device=DEVICE)  # one expert takes every row: several row blocks of 8
+    errors, result = relative_errors(
+        experts, kernels, hidden, one_expert, torch.rand(16, 1).to(DEVICE), block_sizes=kernels.BlockSizes(8, 16, 16)
+    )
+    assert max(errors.values()) <= 1e-5, errors
+    assert result["gate_up_proj"][[0, 1, 3]].abs().sum() == 0 and result["down_proj"][[0, 1, 3]].abs().sum() == 0
+
+    two_experts = torch.tensor([[3, 1]] * 16, device=DEVICE)  # experts 0 and 2 get nothing
+    errors, _ = relative_errors(experts, kernels, hidden, two_experts, torch.rand(16, 2).to(DEVICE))
+    assert max(errors.values()) <= 1e-5, errors
+
+
+def test_runs_are_bit_identical(kernels):
+    experts = make_experts(top_k=3)
+    index, weights = random_routing(16, 4, 3)
+    hidden = torch.randn(16, 32).to(DEVICE)
+    function = triton_function(kernels, experts)
+    first = forward_and_grads(experts, function, hidden, index, weights)
+    second = forward_and_grads(experts, function, hidden, index, weights)
+    for name, value in first.items():
+        assert torch.equal(value, second[name]), name
+
+
+def test_inference_path_equals_training_path(kernels):
+    experts = make_experts()
+    index, weights = random_routing(9, 4, 2)
+    hidden = torch.randn(9, 32).to(DEVICE)
+    with torch.no_grad():
+        inference = kernels.triton_swiglu_experts(hidden, weights, index, experts.gate_up_proj, experts.down_proj)
+    training = kernels.triton_swiglu_experts(hidden, weights, index, experts.gate_up_proj, experts.down_proj)
+    assert training.requires_grad and not inference.requires_grad
+    assert torch.equal(inference, training.detach())
+
+
+def test_empty_batch_and_bad_arguments(kernels):
+    experts = make_experts()
+    hidden = torch.randn(0, 32, device=DEVICE)
+    output = kernels.triton_swiglu_experts(
+        hidden, torch.empty(0, 2, device=DEVICE), torch.empty(0, 2, dtype=torch.long, device=DEVICE),
+        experts.gate_up_proj, experts.down_proj,
+    )  # fmt: skip
+    assert output.shape == (0, 32) and output.abs().sum() == 0
+    index, weights = random_routing(3, 4, 2)
+    with pytest.raises(ValueError, match="SiLU"):
+        kernels.triton_swiglu_experts(
+            torch.randn(3, 32, device=DEVICE), weights, index, experts.gate_up_proj, experts.down_proj,
+            activation="gelu",
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="shapes"):
+        kernels.triton_swiglu_experts(
+            torch.randn(3, 16, device=DEVICE), weights, index, experts.gate_up_proj, experts.down_proj
+        )
+
+
+def test_fp16_is_close_to_fp32(kernels):
+    """Half-precision operands, fp32 accumulation (the interpreter runs fp16 dots; it has no bf16)."""
+    experts = make_experts()
+    index, weights = random_routing(16, 4, 2)
+    hidden = torch.randn(16, 32).to(DEVICE)
+    reference = forward_and_grads(experts, experts, hidden, index, weights)
+    half = make_experts(dtype=torch.float16)
+    result = forward_and_grads(half, triton_function(kernels, half), hidden.half(), index, weights)
+    for name, expected in reference.items():
+        assert result[name].dtype == (torch.float32 if name == "routing weights" else torch.float16), name
+        error = (result[name].float() - expected).abs().max() / expected.abs().max()
+        assert error < 1e-2, (name, error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter has no bf16; bf16 runs on CUDA only")
+def test_bf16_is_close_to_fp32_on_cuda(kernels):
+    experts = make_experts()
+    index, weights = random_routing(64, 4, 2)
+    hidden = torch.randn(64, 32).to(DEVICE)
+    reference = forward_and_grads(experts, experts, hidden, index, weights)
+    bf16 = make_experts(dtype=torch.bfloat16)
+    result = forward_and_grads(bf16, triton_function(kernels, bf16), hidden.bfloat16(), index, weights)
+    for name, expected in reference.items():
+        error = (result[name].float() - expected).abs().max() / expected.abs().max()
+        assert error < 3e-2, (name, error)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a CUDA device")
+def test_cuda_default_blocks_at_a_larger_size(kernels):
+    config = tiny_config(num_local_experts=8, hidden_size=256, intermediate_size=320)
+    torch.manual_seed(0)
+    experts = GrinMoeExperts(config)
+    for parameter in experts.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    experts.config._experts_implementation = "eager"
+    experts = experts.to(DEVICE)
+    index, weights = random_routing(700, 8, 2)
+    errors, _ = relative_errors(experts, kernels, torch.randn(700, 256).to(DEVICE), index, weights)
+    assert max(errors.values()) <= 1e-5, errors
+
+
+@pytest.mark.skipif(IN_PROCESS, reason="the kernels run in this process")
+def test_kernels_under_the_cpu_interpreter():
+    """Runs this file again in a child pytest with TRITON_INTERPRET=1 set before anything imports triton."""
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    report = child.stdout[-6000:] + child.stderr[-2000:]
+    assert child.returncode == 0, report
+    assert " passed" in child.stdout.strip().splitlines()[-1], report
+
+
+def test_module_imports_without_triton(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.find_spec(MODULE)
+    module = importlib.util.module_from_spec(spec)  # a separate copy, leaving the imported module alone
+    spec.loader.exec_module(module)
+    assert not module.triton_available()
+    with pytest.raises(RuntimeError, match="needs triton"):
+        module.triton_swiglu_experts(torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long),
+                                     torch.randn(1, 6, 4), torch.randn(1, 4, 3))  # fmt: skip
