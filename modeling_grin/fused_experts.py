@@ -1,86 +1,206 @@
-"""The `fused` experts implementation: (token, expert) pairs sorted once, grouped GEMMs, a hand-written backward.
+"""The `fused` experts implementation: (token, expert) pairs sorted once, one GEMM per expert, a hand-written backward.
 
-Forward, with N = tokens x top_k routed pairs sorted by expert:
-    xs = x[token_of]                        gather the routed rows once
-    gate_up = grouped_mm(xs, W_gate_up)     [N, 2I], one GEMM per expert over its contiguous rows
-    h = act(gate) * up                      [N, I]
-    ys = grouped_mm(h, W_down)              [N, H]
-    out[t] = sum_k w[t, k] * ys[pair(t, k)] routing weights applied inside the combine
-Backward reuses the same sort and offsets: dW_down and dW_gate_up are k-grouped GEMMs (X_e^T dY_e per expert), dX a
-grouped GEMM plus one scatter-add, and the routing-weight gradient a row-wise dot product with the saved ys. Only
-gate_up (for the activation's backward) and ys (for the routing-weight gradient) are kept from the forward; xs is
-gathered again instead of stored.
+The N = tokens x top_k routed pairs are laid out as expert-contiguous *rows* (a `_Plan`, built once per call and
+reused by the backward), in one of two layouts:
+
+* batched: every expert gets the same number M of rows (the largest expert load; pad rows carry routing weight 0),
+  so every GEMM is one `torch.bmm` over the experts' 3-D weights (views, never copies). On CPU this runs whole
+  per-expert GEMMs on each thread instead of splitting each small GEMM over the threads, which is what makes it
+  faster than a loop of per-expert GEMMs or `torch._grouped_mm` (see `PADDING_SLACK`). It costs E x M - N extra rows.
+* looped: the sorted pairs exactly (no padding), one `torch.mm` per expert that was hit, over its contiguous slice,
+  written in place (`out=`); empty experts cost nothing. Used when padding would waste too much: skewed routing and
+  small batches (decode: 1 token x top-2 touches 2 experts, the batched layout would read all 16).
+  On CUDA the looped layout runs `torch._grouped_mm` (no host synchronisation).
+
+Forward, rows r of expert e:
+    xs[r] = x[token(r)]                     one gather into the row buffer
+    gate_up = xs @ W_gate_up[e]^T           [R, 2I]
+    h = act(gate) * up                      [R, I]
+    ys = h @ W_down[e]^T                    [R, H]
+    out[t] = sum_k w[t, k] * ys[row(t, k)]  one gather to [T, k, H], the routing weights applied by a batched dot
+Backward (same rows): g = w(r) * grad_out[token(r)] (one gather, the routing weight fused in); dh = g @ W_down[e];
+the SwiGLU derivative by hand for SiLU (autograd on the activation alone for any other act_fn); dW_down = g^T h and
+dW_gate_up = dgate_up^T xs per expert; dx rows = dgate_up @ W_gate_up[e], summed over k by a gather; the routing
+weight gradient is <grad_out[t], ys[t, k]>, a batched dot with the saved [T, k, H] expert outputs.
+Saved for the backward: xs, gate_up and the [T, k, H] expert outputs (h is recomputed from gate_up).
 """
 
+from itertools import pairwise
+
 import torch
+from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
+# Use the padded `bmm` layout when E x M padded rows are at most this multiple of the N routed pairs.
+# Measured on the 2-core CPU (fp32, H=512, I=800, E=16, top-2, forward+backward of the layer, `grin-moe bench`
+# machine shared with other jobs): at 2048 tokens, uniform routing (pad factor 1.08) the batched layout took
+# 0.55x the time of the looped one; per GEMM, one bmm over 16 experts ran at 0.89x the speed of a dense GEMM of the
+# same FLOPs against 0.50x for 16 per-expert `mm` (the small GEMMs split over 2 threads spend their time in thread
+# barriers). With one thread the two are within 10 % (bmm 1.03 s vs loop 0.94 s for the six GEMMs, with 8 % pad),
+# so the batched layout pays off up to about 1.5x padding; see docs/kernels.md for the crossover measurements.
+PADDING_SLACK = 1.5
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`a` [N, K] x `b` [E, K, M] -> [N, M] per row group; or `a` [K, N] x `b` [N, M] -> [E, K, M] (k-grouped)."""
-    return torch._grouped_mm(a, b.to(a.dtype), offs=offsets)
+
+class _Plan:
+    """Where each routed pair lives in the row buffers, computed once in the forward and reused by the backward."""
+
+    def __init__(self, expert_index: torch.Tensor, routing_weights: torch.Tensor, num_experts: int, dtype):
+        num_tokens, top_k = expert_index.shape
+        num_pairs = num_tokens * top_k
+        device = expert_index.device
+        flat_index = expert_index.reshape(-1)
+        order = torch.argsort(flat_index, stable=True)  # sorted position -> pair
+        counts = torch.bincount(flat_index, minlength=num_experts)
+        self.num_tokens, self.top_k, self.num_experts = num_tokens, top_k, num_experts
+        self.on_cpu = device.type == "cpu"
+        self.batched = False
+        if self.on_cpu:
+            counts_list = counts.tolist()
+            self.bounds = [0, *torch.tensor(counts_list).cumsum(0).tolist()]
+            most = max(counts_list)
+            self.batched = num_experts * most <= PADDING_SLACK * num_pairs
+        else:
+            self.offsets = counts.cumsum(0).to(torch.int32)
+        sorted_weights = routing_weights.reshape(-1)[order].to(dtype)
+        if self.batched:
+            self.rows_per_expert = most
+            self.num_rows = num_experts * most
+            sorted_expert = flat_index[order]
+            starts = counts.cumsum(0) - counts
+            row_of_sorted = sorted_expert * most + torch.arange(num_pairs, device=device) - starts[sorted_expert]
+            # Pad rows read token 0 and carry weight 0: their gradient rows are exactly zero, so they add nothing to the
+            # weight gradients (0 * finite) and are never read back.
+            self.row_token = torch.zeros(self.num_rows, dtype=torch.long, device=device)
+            self.row_token[row_of_sorted] = order // top_k
+            self.row_weight = torch.zeros(self.num_rows, dtype=dtype, device=device)
+            self.row_weight[row_of_sorted] = sorted_weights
+            self.pair_row = torch.empty_like(order)
+            self.pair_row[order] = row_of_sorted
+        else:
+            self.num_rows = num_pairs
+            self.row_token = order // top_k
+            self.row_weight = sorted_weights
+            self.pair_row = torch.empty_like(order)
+            self.pair_row[order] = torch.arange(num_pairs, device=device)
+
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor[token(r)]` for every row r (pad rows read token 0): [T, D] -> [R, D]."""
+        return tensor.index_select(0, self.row_token)
+
+    def rows_matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """rows of expert e times `weight[e]`: [R, K] x [E, K, M] -> [R, M]."""
+        if self.batched:
+            out = rows.new_empty(self.num_rows, weight.shape[2])
+            shape = (self.num_experts, self.rows_per_expert, -1)
+            torch.bmm(rows.view(shape), weight, out=out.view(shape))
+            return out
+        if not self.on_cpu:
+            return torch._grouped_mm(rows, weight, offs=self.offsets)
+        out = rows.new_empty(self.num_rows, weight.shape[2])
+        for expert, (start, end) in enumerate(pairwise(self.bounds)):
+            if end > start:
+                torch.mm(rows[start:end], weight[expert], out=out[start:end])
+        return out
+
+    def weight_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """Per expert `left_e^T @ right_e`: [R, K1], [R, K2] -> [E, K1, K2] (zero for experts with no rows)."""
+        if self.batched:
+            shape = (self.num_experts, self.rows_per_expert)
+            return torch.bmm(left.view(*shape, -1).transpose(1, 2), right.view(*shape, -1))
+        if not self.on_cpu:
+            return torch._grouped_mm(left.t(), right, offs=self.offsets)
+        out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
+        for expert, (start, end) in enumerate(pairwise(self.bounds)):
+            if end > start:
+                torch.mm(left[start:end].t(), right[start:end], out=out[expert])
+            else:
+                out[expert].zero_()
+        return out
+
+    def rows_to_pairs(self, rows: torch.Tensor) -> torch.Tensor:
+        """[R, D] -> [T, k, D] in the (token, slot) order of `top_k_index`."""
+        return rows.index_select(0, self.pair_row).view(self.num_tokens, self.top_k, -1)
+
+
+def _is_silu(act_fn) -> bool:
+    return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is nn.functional.silu
+
+
+def _glu_forward(gate_up: torch.Tensor, act_fn) -> torch.Tensor:
+    gate, up = gate_up.split(gate_up.shape[1] // 2, dim=1)  # views: no copies
+    return act_fn(gate).mul_(up) if _is_silu(act_fn) else act_fn(gate) * up
+
+
+def _glu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, act_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (h = act(gate) * up, d gate_up [R, 2I]), without autograd for SiLU."""
+    intermediate = gate_up.shape[1] // 2
+    gate, up = gate_up.split(intermediate, dim=1)
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate, grad_up = grad_gate_up.split(intermediate, dim=1)
+    if _is_silu(act_fn):
+        sig = torch.sigmoid(gate)
+        activated = gate * sig
+        torch.mul(grad_h, activated, out=grad_up)
+        # silu'(g) = sig * (1 + g * (1 - sig)) = sig + silu - silu * sig
+        derivative = torch.addcmul(sig, activated, sig, value=-1).add_(activated)
+        torch.mul(grad_h, up, out=grad_gate).mul_(derivative)
+        return activated.mul_(up), grad_gate_up
+    with torch.enable_grad():  # any other activation: autograd on the activation alone
+        gate = gate.detach().requires_grad_(True)
+        activated = act_fn(gate)
+    (grad_activated,) = torch.autograd.grad(activated, gate, grad_h * up)
+    grad_gate.copy_(grad_activated)
+    activated = activated.detach()
+    torch.mul(grad_h, activated, out=grad_up)
+    return activated * up, grad_gate_up
 
 
 class SortedSwiGLUExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, act_fn):
-        num_tokens, top_k = expert_index.shape
-        num_experts = gate_up_proj.shape[0]
-        flat_index = expert_index.reshape(-1)
-        order = torch.argsort(flat_index, stable=True)
-        token_of = order // top_k
-        offsets = torch.bincount(flat_index, minlength=num_experts).cumsum(0).to(torch.int32)
-        sorted_weights = routing_weights.reshape(-1)[order]
+        dtype = hidden_states.dtype
+        plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
+        rows = plan.gather_rows(hidden_states)
+        gate_up = plan.rows_matmul(rows, gate_up_proj.to(dtype).transpose(1, 2))
+        expert_outputs = plan.rows_matmul(_glu_forward(gate_up, act_fn), down_proj.to(dtype).transpose(1, 2))
+        pair_outputs = plan.rows_to_pairs(expert_outputs)  # [T, k, H]
+        weights = routing_weights.to(dtype).unsqueeze(1)  # [T, 1, k]
+        output = torch.bmm(weights, pair_outputs).squeeze(1)
 
-        gate_up = _grouped_mm(hidden_states.index_select(0, token_of), gate_up_proj.transpose(1, 2), offsets)
-        gate, up = gate_up.chunk(2, dim=-1)
-        expert_outputs = _grouped_mm(act_fn(gate) * up, down_proj.transpose(1, 2), offsets)
-        weighted = expert_outputs * sorted_weights.to(expert_outputs.dtype).unsqueeze(-1)
-        output = torch.zeros_like(hidden_states).index_add_(0, token_of, weighted.to(hidden_states.dtype))
-
-        ctx.act_fn = act_fn
-        ctx.routing_shape = routing_weights.shape
-        ctx.save_for_backward(
-            hidden_states, order, token_of, offsets, sorted_weights, gate_up, expert_outputs, gate_up_proj, down_proj
-        )
+        ctx.plan, ctx.act_fn = plan, act_fn
+        ctx.routing_dtype = routing_weights.dtype
+        ctx.save_for_backward(rows, gate_up, pair_outputs, gate_up_proj, down_proj)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        (hidden_states, order, token_of, offsets, sorted_weights, gate_up, expert_outputs, gate_up_proj, down_proj) = (
-            ctx.saved_tensors
-        )
+        rows, gate_up, pair_outputs, gate_up_proj, down_proj = ctx.saved_tensors
+        plan, dtype = ctx.plan, rows.dtype
         need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
-        grad_rows = grad_output.index_select(0, token_of).to(expert_outputs.dtype)  # dL/d(weighted row), [N, H]
+        grad_output = grad_output.to(dtype)
 
         grad_routing = None
-        if need_weights:
-            grad_sorted = (grad_rows * expert_outputs).sum(-1).to(sorted_weights.dtype)
-            grad_routing = torch.empty_like(grad_sorted).index_put_((order,), grad_sorted).view(ctx.routing_shape)
+        if need_weights:  # d out[t] / d w[t, k] = ys[t, k]
+            grad_routing = torch.bmm(pair_outputs, grad_output.unsqueeze(2)).squeeze(2).to(ctx.routing_dtype)
 
-        grad_expert_outputs = grad_rows * sorted_weights.to(grad_rows.dtype).unsqueeze(-1)
-        with torch.enable_grad():  # the activation's backward, for any act_fn, by autograd on [N, 2I] elementwise work
-            gate_up = gate_up.detach().requires_grad_(True)
-            gate, up = gate_up.chunk(2, dim=-1)
-            activated = ctx.act_fn(gate) * up
-        grad_activated = _grouped_mm(grad_expert_outputs, down_proj, offsets)
-        (grad_gate_up,) = torch.autograd.grad(activated, gate_up, grad_activated)
+        grad_rows = plan.gather_rows(grad_output).mul_(plan.row_weight.unsqueeze(1))  # d ys, weight fused in
+        grad_h = plan.rows_matmul(grad_rows, down_proj.to(dtype))
+        activated, grad_gate_up = _glu_backward(gate_up, grad_h, ctx.act_fn)
+        del grad_h
 
-        grad_down = grad_gate_up_proj = None
+        grad_down = grad_gate_up_proj = grad_hidden = None
         if need_down:
-            grad_down = _grouped_mm(grad_expert_outputs.t(), activated.detach(), offsets).to(down_proj.dtype)
+            grad_down = plan.weight_grad(grad_rows, activated).to(down_proj.dtype)
+        del activated, grad_rows
         if need_gate_up:
-            rows = hidden_states.index_select(0, token_of).to(grad_gate_up.dtype)
-            grad_gate_up_proj = _grouped_mm(grad_gate_up.t(), rows, offsets).to(gate_up_proj.dtype)
-        grad_hidden = None
+            grad_gate_up_proj = plan.weight_grad(grad_gate_up, rows).to(gate_up_proj.dtype)
         if need_hidden:
-            grad_rows_in = _grouped_mm(grad_gate_up, gate_up_proj, offsets)
-            grad_hidden = torch.zeros_like(hidden_states).index_add_(0, token_of, grad_rows_in.to(hidden_states.dtype))
+            grad_hidden = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype))).sum(1)
         return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None
 
 
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """`experts_implementation="fused"`: the sorted grouped-GEMM path above (Triton kernels on CUDA are planned)."""
+    """`experts_implementation="fused"`: the sorted per-expert GEMM path above."""
     if self.is_transposed or self.has_bias or not self.has_gate:
         raise ValueError("the fused experts implementation supports gated experts without bias in [E, out, in] layout")
     if hidden_states.shape[0] == 0:
