@@ -36,11 +36,15 @@ All GEMMs accumulate in fp32; fp16/bf16 operands go to tl.dot as they are (tenso
 when `torch.backends.cuda.matmul.allow_tf32` is set. Tensors must be contiguous (the entry point makes them so) and
 expert ids must lie in [0, E).
 
-CPU: with TRITON_INTERPRET=1 set *before this module is imported* (`triton.jit` decides at decoration time), the same
-kernels run through Triton's numpy interpreter; the tests use that. Interpreter notes: it has no bf16, so bf16 runs
-on CUDA only; the weight-gradient kernel loops over a runtime range (an expert's rows), which numpy >= 2.4 broke in
-older Triton interpreters (`tensor.__index__`); Triton 3.9.0 handles it (it squeezes the 0-d value). No autotuning:
-one fixed configuration per device kind.
+CPU: with TRITON_INTERPRET=1 in the environment *before triton is first imported* the same kernels run through
+Triton's numpy interpreter (the tests use that). `triton.jit` decides at decoration time, and Triton's own helpers
+(tl.zeros, tl.sum, tl.sigmoid) are @triton.jit functions made when `triton` is imported, which torch._dynamo,
+transformers and so this package already do: setting the variable later does not work (triton_available() then
+says False on a machine without CUDA). Interpreter notes: it has no bf16, so bf16 runs on CUDA only; the
+weight-gradient kernel loops over a runtime range (an expert's rows), which numpy >= 2.4 broke in older Triton
+interpreters (`tensor.__index__` on a 1-element array); Triton 3.9.0 squeezes the value and runs it with numpy 2.4.6.
+No atomics anywhere (the interpreter's fp16 atomic_add fails, and atomics would make results order-dependent). No
+autotuning: one fixed configuration per device kind.
 """
 
 import os
@@ -57,12 +61,11 @@ except ImportError:  # the module stays importable; triton_available() is False 
     tl = SimpleNamespace(constexpr=None)  # the kernels' annotations read it
 
 _jit = triton.jit if triton is not None else (lambda fn: fn)
-# `triton.jit` made the kernels below interpreted (numpy, CPU) if this was set when the module was imported.
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_available() -> bool:
-    """Triton is importable and can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    """Triton is importable and can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1 set before
+    triton was first imported)."""
     return triton is not None and (torch.cuda.is_available() or _INTERPRETED)
 
 
@@ -318,6 +321,19 @@ def _expert_xty_kernel(
 # Host side.
 
 
+def _interpreted() -> bool:
+    """Whether the kernels above, and Triton's own @triton.jit helpers they call, were built for the interpreter."""
+    if triton is None or os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    return isinstance(_gate_up_swiglu_kernel, InterpretedFunction) and not isinstance(tl.zeros, JITFunction)
+
+
+_INTERPRETED = _interpreted()
+
+
 @dataclass
 class _Routing:
     order: torch.Tensor  # [N] int32 pair index of each sorted row
@@ -489,11 +505,14 @@ def triton_swiglu_experts(
     expert ids in [0, E); gate_up_proj `[E, 2I, H]` (gate rows first); down_proj `[E, H, I]`. The weights are cast to
     the dtype of hidden_states (differentiably). Differentiable w.r.t. hidden_states, top_k_weights and both weights.
     Runs on CUDA tensors, or on CPU tensors when the kernels were built for the interpreter (see the module docstring).
+    Results are deterministic: no atomics, and the top-k contributions are summed in a fixed order.
     """
     if activation != "silu":
         raise ValueError(f"the Triton experts kernels implement SiLU-gated experts only, not {activation!r}")
     if not triton_available():
-        raise RuntimeError("triton_swiglu_experts needs triton and a CUDA device (or TRITON_INTERPRET=1 at import)")
+        raise RuntimeError(
+            "triton_swiglu_experts needs triton and a CUDA device, or TRITON_INTERPRET=1 set before triton is imported"
+        )
     num_tokens, hidden = hidden_states.shape
     num_experts, double_intermediate, weight_hidden = gate_up_proj.shape
     if weight_hidden != hidden or down_proj.shape != (num_experts, hidden, double_intermediate // 2):
@@ -506,7 +525,7 @@ def triton_swiglu_experts(
     if num_tokens == 0 or top_k_index.shape[1] == 0:
         return torch.zeros_like(hidden_states)
     if block_sizes is None:
-        block_sizes = INTERPRETER_BLOCKS if _INTERPRETED and not hidden_states.is_cuda else CUDA_BLOCKS
+        block_sizes = INTERPRETER_BLOCKS if _INTERPRETED else CUDA_BLOCKS
 
     dtype = hidden_states.dtype
     hidden_states = hidden_states.contiguous()

@@ -215,12 +215,26 @@ def test_kernels_under_the_cpu_interpreter():
     assert " passed" in child.stdout.strip().splitlines()[-1], report
 
 
+def fresh_copy():
+    """A separate copy of the kernels module, leaving the imported one alone."""
+    spec = importlib.util.find_spec(MODULE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs a process whose triton was imported without the interpreter")
+def test_interpreter_requested_after_triton_was_imported_is_not_used(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    module = fresh_copy()  # its kernels are interpreted, Triton's own tl.zeros is not: they cannot run on the CPU
+    assert not module._INTERPRETED
+    assert module.triton_available() == torch.cuda.is_available()
+
+
 def test_module_imports_without_triton(monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.find_spec(MODULE)
-    module = importlib.util.module_from_spec(spec)  # a separate copy, leaving the imported module alone
-    spec.loader.exec_module(module)
+    module = fresh_copy()
     assert not module.triton_available()
     with pytest.raises(RuntimeError, match="needs triton"):
         module.triton_swiglu_experts(torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long),
