@@ -239,3 +239,42 @@ def test_module_imports_without_triton(monkeypatch):
     with pytest.raises(RuntimeError, match="needs triton"):
         module.triton_swiglu_experts(torch.randn(2, 4), torch.rand(2, 1), torch.zeros(2, 1, dtype=torch.long),
                                      torch.randn(1, 6, 4), torch.randn(1, 4, 3))  # fmt: skip
+
+
+@pytest.mark.skipif(INTERPRETED, reason="interpreted kernels are not compiled")
+@pytest.mark.skipif(os.environ.get("GRIN_TRITON_AOT") != "1", reason="opt-in (about a minute): GRIN_TRITON_AOT=1")
+@pytest.mark.parametrize("dtype, precision", [("fp32", "ieee"), ("bf16", "tf32")])
+def test_every_kernel_compiles_for_hopper_without_a_gpu(dtype, precision):
+    """Compiles (to a cubin, with the ptxas bundled with Triton) each kernel configuration the host code launches, for
+    sm_90: the compiled-mode front end is checked on machines without CUDA too."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    module = importlib.import_module(MODULE)
+    target = GPUTarget("cuda", 90, 32)
+    backend = triton.compiler.make_backend(target)
+    options = backend.parse_options({"num_warps": 4, "num_stages": 3}).__dict__
+    blocks = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "PRECISION": precision}
+    rows = {"block_expert_ptr": "*i32", "block_start_ptr": "*i32", "block_end_ptr": "*i32", "order_ptr": "*i32"}
+    rows |= {"token_ptr": "*i32", "scale_ptr": "*fp32", "grad_scale_ptr": "*fp32", "expert_offsets_ptr": "*i32"}
+    launches = [
+        (module._gate_up_swiglu_kernel, {"SAVE_GATE_UP": True}),
+        (module._gate_up_swiglu_kernel, {"SAVE_GATE_UP": False}),
+        (module._rows_to_pairs_kernel, {"SCALE": True}),
+        (module._rows_to_pairs_kernel, {"SCALE": False}),
+        (module._down_swiglu_backward_kernel, {"STORE_H": True}),
+        (module._expert_xty_kernel, {"X_GATHER": True, "X_SCALE": True, "Y_GATHER": False}),
+        (module._expert_xty_kernel, {"X_GATHER": False, "X_SCALE": False, "Y_GATHER": True}),
+    ]
+    for kernel, flags in launches:
+        constexprs = {**blocks, **flags}
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = rows.get(name, "*" + dtype)
+            else:
+                signature[name] = "i32"
+        source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        assert triton.compile(source, target=target, options=options).asm["cubin"], kernel.__name__
