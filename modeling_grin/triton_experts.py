@@ -29,8 +29,9 @@ Backward (three kernels):
 Memory: the forward keeps gate_up [T*k, 2I] (input dtype) for the backward and nothing else beyond the inputs and the
 int32 routing tensors: h is recomputed in kernel 3 and the expert outputs y are never stored (the routing-weight
 gradient uses <g, h> instead). That is I per routed row less than keeping h as well, and H per row less than the
-PyTorch `fused` path, which also keeps y. Transient buffers: h [T*k, I] in the forward; the [T*k, H] pair buffers
-(input dtype) for the output and for dX.
+PyTorch `fused` path, which also keeps y. Transient buffers: forward h [T*k, I] and the [T*k, H] pair buffer (input
+dtype); backward d_gate_up [T*k, 2I], h [T*k, I] (only if dW_down is needed), the [T*k, H] pair buffer for dX and
+the fp32 routing-gradient partials [cdiv(I, BLOCK_N), T*k]. Weight gradients are written in the weights' dtype.
 
 All GEMMs accumulate in fp32; fp16/bf16 operands go to tl.dot as they are (tensor cores), fp32 operands use TF32 only
 when `torch.backends.cuda.matmul.allow_tf32` is set. Tensors must be contiguous (the entry point makes them so) and
