@@ -25,20 +25,26 @@ weight gradient is <grad_out[t], ys[t, k]>, a batched dot with the saved [T, k, 
 Saved for the backward: xs, gate_up and the [T, k, H] expert outputs (h is recomputed from gate_up).
 """
 
-from itertools import pairwise
+import itertools
 
 import torch
 from torch import nn
 from transformers.integrations.moe import ExpertsInterface
 
-# Use the padded `bmm` layout when E x M padded rows are at most this multiple of the N routed pairs.
-# Measured on the 2-core CPU (fp32, H=512, I=800, E=16, top-2, forward+backward of the layer, `grin-moe bench`
-# machine shared with other jobs): at 2048 tokens, uniform routing (pad factor 1.08) the batched layout took
-# 0.55x the time of the looped one; per GEMM, one bmm over 16 experts ran at 0.89x the speed of a dense GEMM of the
-# same FLOPs against 0.50x for 16 per-expert `mm` (the small GEMMs split over 2 threads spend their time in thread
-# barriers). With one thread the two are within 10 % (bmm 1.03 s vs loop 0.94 s for the six GEMMs, with 8 % pad),
-# so the batched layout pays off up to about 1.5x padding; see docs/kernels.md for the crossover measurements.
-PADDING_SLACK = 1.5
+# The batched (padded `bmm`) layout is used when E x M padded rows are at most PADDING_SLACK x the N routed pairs and
+# torch runs more than one thread; otherwise the looped one. Measured on this project's 2-core CPU (shared with other
+# jobs, so medians of 4-30 interleaved runs; fp32, H=512, I=800, E=16, top-2), batched vs looped:
+#   forward, 2 threads:  T=1 (pad 8.0) 17-20 vs 1.8-3.3 ms; T=2 (4.0) 24 vs 8-9 ms; T=4 (4.0) 28-30 vs 38-40 ms;
+#                        T=8 (3.0) 26-47 vs 29-204 ms; T=32 (1.75) 42-52 vs 81-404 ms; T=64 (1.75) 75-112 vs 352-761 ms
+#   forward+backward, 2 threads, 1024 tokens, skewed routing: pad 1.23: 867-1824 vs 1837-3488 ms; 1.73: 1129 vs
+#                        1905; 2.56: 1492-1672 vs 1517-1957; 3.39: 1887-2319 vs 1992-2138; 3.98: 2154-2639 vs
+#                        2029-2089; 5.08: 2709-3240 vs 1040-1726 ms
+#   one thread: the loop is never slower (forward T=1..128: 2.0-42 vs 10-47 ms; 1024 tokens fwd+bwd pad 1.23: 588
+#                        vs 705 ms; 2.56: 570 vs 1318 ms), so a single-threaded run always loops.
+# With two threads each small per-expert GEMM is split over both threads and waits in their barriers, which a busy
+# machine makes expensive; one bmm over 16 experts gives each thread whole GEMMs. Between pad 2.5 and 4 the two
+# layouts are within the noise; below 2 the batched one wins every run, above 4 the loop does.
+PADDING_SLACK = 3.0
 
 
 class _Plan:
@@ -49,39 +55,38 @@ class _Plan:
         num_pairs = num_tokens * top_k
         device = expert_index.device
         flat_index = expert_index.reshape(-1)
-        order = torch.argsort(flat_index, stable=True)  # sorted position -> pair
+        # Plain index_select / scatter_ below: advanced indexing (tensor[index]) of a few thousand elements costs
+        # milliseconds on the CPU (it is spread over the threads), index_select microseconds.
+        sorted_expert, order = torch.sort(flat_index, stable=True)  # order: sorted position -> pair
         counts = torch.bincount(flat_index, minlength=num_experts)
         self.num_tokens, self.top_k, self.num_experts = num_tokens, top_k, num_experts
         self.on_cpu = device.type == "cpu"
         self.batched = False
         if self.on_cpu:
             counts_list = counts.tolist()
-            self.bounds = [0, *torch.tensor(counts_list).cumsum(0).tolist()]
+            self.bounds = [0, *itertools.accumulate(counts_list)]
             most = max(counts_list)
-            self.batched = num_experts * most <= PADDING_SLACK * num_pairs
+            self.batched = torch.get_num_threads() > 1 and num_experts * most <= PADDING_SLACK * num_pairs
         else:
             self.offsets = counts.cumsum(0).to(torch.int32)
-        sorted_weights = routing_weights.reshape(-1)[order].to(dtype)
+        sorted_weights = routing_weights.reshape(-1).index_select(0, order).to(dtype)
+        positions = torch.arange(num_pairs, device=device)
         if self.batched:
             self.rows_per_expert = most
             self.num_rows = num_experts * most
-            sorted_expert = flat_index[order]
-            starts = counts.cumsum(0) - counts
-            row_of_sorted = sorted_expert * most + torch.arange(num_pairs, device=device) - starts[sorted_expert]
+            # sorted position p of expert e (which starts at s_e) goes to row e * M + p - s_e
+            shift = torch.arange(num_experts, device=device) * most - (counts.cumsum(0) - counts)
+            row_of_sorted = positions + shift.index_select(0, sorted_expert)
             # Pad rows read token 0 and carry weight 0: their gradient rows are exactly zero, so they add nothing to the
             # weight gradients (0 * finite) and are never read back.
-            self.row_token = torch.zeros(self.num_rows, dtype=torch.long, device=device)
-            self.row_token[row_of_sorted] = order // top_k
-            self.row_weight = torch.zeros(self.num_rows, dtype=dtype, device=device)
-            self.row_weight[row_of_sorted] = sorted_weights
-            self.pair_row = torch.empty_like(order)
-            self.pair_row[order] = row_of_sorted
+            self.row_token = order.new_zeros(self.num_rows).scatter_(0, row_of_sorted, order // top_k)
+            self.row_weight = sorted_weights.new_zeros(self.num_rows).scatter_(0, row_of_sorted, sorted_weights)
+            self.pair_row = torch.empty_like(order).scatter_(0, order, row_of_sorted)
         else:
             self.num_rows = num_pairs
             self.row_token = order // top_k
             self.row_weight = sorted_weights
-            self.pair_row = torch.empty_like(order)
-            self.pair_row[order] = torch.arange(num_pairs, device=device)
+            self.pair_row = torch.empty_like(order).scatter_(0, order, positions)
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor[token(r)]` for every row r (pad rows read token 0): [T, D] -> [R, D]."""
@@ -97,7 +102,7 @@ class _Plan:
         if not self.on_cpu:
             return torch._grouped_mm(rows, weight, offs=self.offsets)
         out = rows.new_empty(self.num_rows, weight.shape[2])
-        for expert, (start, end) in enumerate(pairwise(self.bounds)):
+        for expert, (start, end) in enumerate(itertools.pairwise(self.bounds)):
             if end > start:
                 torch.mm(rows[start:end], weight[expert], out=out[start:end])
         return out
@@ -110,7 +115,7 @@ class _Plan:
         if not self.on_cpu:
             return torch._grouped_mm(left.t(), right, offs=self.offsets)
         out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
-        for expert, (start, end) in enumerate(pairwise(self.bounds)):
+        for expert, (start, end) in enumerate(itertools.pairwise(self.bounds)):
             if end > start:
                 torch.mm(left[start:end].t(), right[start:end], out=out[expert])
             else:
@@ -195,7 +200,9 @@ class SortedSwiGLUExperts(torch.autograd.Function):
         if need_gate_up:
             grad_gate_up_proj = plan.weight_grad(grad_gate_up, rows).to(gate_up_proj.dtype)
         if need_hidden:
-            grad_hidden = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype))).sum(1)
+            grad_pairs = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype)))
+            # the sum over k as a batched dot with ones: a strided .sum(1) takes twice as long on the CPU
+            grad_hidden = torch.bmm(grad_pairs.new_ones(plan.num_tokens, 1, plan.top_k), grad_pairs).squeeze(1)
         return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None
 
 
