@@ -47,6 +47,12 @@ from transformers.integrations.moe import ExpertsInterface
 PADDING_SLACK = 3.0
 
 
+def use_batched_layout(num_experts: int, largest_load: int, num_pairs: int, num_threads: int | None = None) -> bool:
+    """The CPU layout choice: batched (padded bmm) or looped (one mm per expert that was hit), see PADDING_SLACK."""
+    num_threads = torch.get_num_threads() if num_threads is None else num_threads
+    return num_threads > 1 and num_experts * largest_load <= PADDING_SLACK * num_pairs
+
+
 class _Plan:
     """Where each routed pair lives in the row buffers, computed once in the forward and reused by the backward."""
 
@@ -66,7 +72,7 @@ class _Plan:
             counts_list = counts.tolist()
             self.bounds = [0, *itertools.accumulate(counts_list)]
             most = max(counts_list)
-            self.batched = torch.get_num_threads() > 1 and num_experts * most <= PADDING_SLACK * num_pairs
+            self.batched = use_batched_layout(num_experts, most, num_pairs)
         else:
             self.offsets = counts.cumsum(0).to(torch.int32)
         sorted_weights = routing_weights.reshape(-1).index_select(0, order).to(dtype)
@@ -77,9 +83,11 @@ class _Plan:
             # sorted position p of expert e (which starts at s_e) goes to row e * M + p - s_e
             shift = torch.arange(num_experts, device=device) * most - (counts.cumsum(0) - counts)
             row_of_sorted = positions + shift.index_select(0, sorted_expert)
-            # Pad rows read token 0 and carry weight 0: their gradient rows are exactly zero, so they add nothing to the
-            # weight gradients (0 * finite) and are never read back.
+            # Pad rows read token 0, carry weight 0 and are then zeroed (`pad_rows`): zero inputs and zero gradient
+            # rows stay zero through every GEMM, so pads add exact zeros to the weight gradients, whatever the data.
             self.row_token = order.new_zeros(self.num_rows).scatter_(0, row_of_sorted, order // top_k)
+            is_pad = torch.ones(self.num_rows, dtype=torch.bool, device=device).index_fill_(0, row_of_sorted, False)
+            self.pad_rows = is_pad.nonzero().squeeze(1)
             self.row_weight = sorted_weights.new_zeros(self.num_rows).scatter_(0, row_of_sorted, sorted_weights)
             self.pair_row = torch.empty_like(order).scatter_(0, order, row_of_sorted)
         else:
@@ -88,9 +96,14 @@ class _Plan:
             self.row_weight = sorted_weights
             self.pair_row = torch.empty_like(order).scatter_(0, order, positions)
 
-    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor[token(r)]` for every row r (pad rows read token 0): [T, D] -> [R, D]."""
-        return tensor.index_select(0, self.row_token)
+    def gather_rows(self, tensor: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+        """`tensor[token(r)]` for every row r, times the row's routing weight if `weighted`, zero on pad rows."""
+        rows = tensor.index_select(0, self.row_token)
+        if weighted:
+            rows.mul_(self.row_weight.unsqueeze(1))
+        if self.batched:
+            rows.index_fill_(0, self.pad_rows, 0)
+        return rows
 
     def rows_matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows of expert e times `weight[e]`: [R, K] x [E, K, M] -> [R, M]."""
@@ -188,7 +201,7 @@ class SortedSwiGLUExperts(torch.autograd.Function):
         if need_weights:  # d out[t] / d w[t, k] = ys[t, k]
             grad_routing = torch.bmm(pair_outputs, grad_output.unsqueeze(2)).squeeze(2).to(ctx.routing_dtype)
 
-        grad_rows = plan.gather_rows(grad_output).mul_(plan.row_weight.unsqueeze(1))  # d ys, weight fused in
+        grad_rows = plan.gather_rows(grad_output, weighted=True)  # d ys, the routing weight fused in
         grad_h = plan.rows_matmul(grad_rows, down_proj.to(dtype))
         activated, grad_gate_up = _glu_backward(gate_up, grad_h, ctx.act_fn)
         del grad_h

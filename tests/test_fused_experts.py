@@ -5,7 +5,19 @@ import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 
+import modeling_grin.fused_experts as fused_experts
 from modeling_grin.modeling_grin_moe import GrinMoeExperts
+
+LAYOUTS = ["batched", "looped"]
+
+
+@pytest.fixture
+def layout(request, monkeypatch):
+    """Force one of the two CPU layouts (`auto` keeps the measured policy)."""
+    choice = request.param
+    if choice != "auto":
+        monkeypatch.setattr(fused_experts, "use_batched_layout", lambda *args, **kwargs: choice == "batched")
+    return choice
 
 
 def make_experts(num_experts=8, top_k=2, hidden_act="silu", seed=0):
@@ -48,15 +60,17 @@ def random_routing(tokens, num_experts, top_k, seed=0):
     return index, torch.rand(tokens, top_k, generator=generator)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
 @pytest.mark.parametrize("top_k", [1, 2, 3, 4])
 @pytest.mark.parametrize("tokens", [1, 7, 64])
-def test_matches_eager_forward_and_every_gradient(top_k, tokens):
+def test_matches_eager_forward_and_every_gradient(layout, top_k, tokens):
     experts = make_experts(top_k=top_k)
     index, weights = random_routing(tokens, 8, top_k)
     assert_matches_eager(experts, torch.randn(tokens, 32), index, weights)
 
 
-def test_all_tokens_to_one_expert_and_empty_experts():
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_all_tokens_to_one_expert_and_empty_experts(layout):
     experts = make_experts()
     index = torch.tensor([[5, 2]] * 40)  # experts 0, 1, 3, 4, 6, 7 get nothing
     assert_matches_eager(experts, torch.randn(40, 32), index, torch.rand(40, 2))
@@ -64,10 +78,52 @@ def test_all_tokens_to_one_expert_and_empty_experts():
     assert weights_grad[[0, 1, 3, 4, 6, 7]].abs().sum() == 0
 
 
-def test_other_activations_use_their_own_derivative():
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_skewed_routing_with_one_overloaded_expert(layout):
+    experts = make_experts(top_k=2)
+    index, weights = random_routing(50, 8, 2, seed=3)
+    index[:30, 0] = 6  # expert 6 takes 30+ of the 100 pairs: heavy padding in the batched layout
+    index[:30, 1] = torch.where(index[:30, 1] == 6, 1, index[:30, 1])
+    assert_matches_eager(experts, torch.randn(50, 32), index, weights)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_other_activations_use_their_own_derivative(layout):
     experts = make_experts(hidden_act="gelu")
     index, weights = random_routing(30, 8, 2)
     assert_matches_eager(experts, torch.randn(30, 32), index, weights)
+
+
+def test_pad_rows_do_not_leak_non_finite_values_into_other_experts():
+    """Batched pad rows read token 0; an overflowing token 0 must not turn into inf/nan in other experts' gradients."""
+    experts = make_experts()
+    hidden = torch.randn(40, 32)
+    hidden[0] = 1e30
+    index = torch.tensor([[0, 1]] + [[2, 3]] * 39)
+    weights = torch.rand(40, 2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_experts, "use_batched_layout", lambda *args, **kwargs: True)
+        grads = run(experts, "fused", hidden, index, weights)
+    for name in ("gate_up_proj", "down_proj"):
+        assert torch.isfinite(grads[name][2:4]).all(), name
+        assert (grads[name][4:] == 0).all(), name  # experts nobody routed to: only pad rows
+
+
+def test_layout_policy_small_batches_loop_balanced_batches_pad():
+    choose = fused_experts.use_batched_layout
+    assert not choose(16, 1, 2, num_threads=2)  # decode, one token x top-2: 2 experts read instead of 16
+    assert not choose(16, 1, 4, num_threads=2)  # two tokens
+    assert choose(16, 277, 4096, num_threads=2)  # 2048 tokens, uniform routing: 8 % padding
+    assert not choose(16, 4096, 4096, num_threads=2)  # everything on one expert
+    assert not choose(16, 277, 4096, num_threads=1)  # one thread: whole-GEMM parallelism buys nothing
+
+
+@pytest.mark.parametrize("layout", ["auto"], indirect=True)
+@pytest.mark.parametrize("tokens", [1, 2, 160])
+def test_automatic_choice_matches_eager(layout, tokens):
+    experts = make_experts(num_experts=16)
+    index, weights = random_routing(tokens, 16, 2, seed=tokens)
+    assert_matches_eager(experts, torch.randn(tokens, 32), index, weights)
 
 
 def test_empty_batch():
@@ -96,8 +152,9 @@ def model_outputs_and_grads(model, implementation, input_ids):
     return out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
 @pytest.mark.parametrize("family", ["grin", "mh_moe"])
-def test_both_model_families_match_eager(family):
+def test_both_model_families_match_eager(family, layout):
     if family == "grin":
         model = tiny_model(num_experts_per_tok=3)
     else:
