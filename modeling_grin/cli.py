@@ -25,6 +25,29 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training.loop import train
+
+    result = train(
+        output_dir=args.output_dir, preset=args.preset, config=args.config, model=args.model, data=args.data,
+        text_field=args.text_field, tokenizer=args.tokenizer, vocab_size=args.vocab_size, steps=args.steps,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        block_size=args.block_size, learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, seed=args.seed, save_steps=args.save_steps,
+        resume=args.resume, experts_implementation=args.experts_implementation,
+        gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+    )
+    if result.accelerator.is_main_process:
+        summary = result.summary
+        print(f"trained:             {summary['family']}, {summary['processes']} process(es) "
+              f"({summary['distributed_type']}), {summary['tokens_seen']:,} tokens")
+        if summary["first_loss"] is not None:
+            print(f"training loss:       {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
+        print(f"held-out loss / ppl: {summary['heldout_loss']:.3f} / {summary['heldout_perplexity']:.1f}")
+        print(f"saved to:            {summary['output_dir']}")
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from .hub import write_model_card
 
@@ -116,6 +139,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", help="model preset (default: grin-moe-tiny or mh-moe-tiny, by --arch)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(handler=_demo)
+
+    train = commands.add_parser(
+        "train",
+        help="train or fine-tune either family on text files, JSONL or the embedded corpus (accelerate-launchable)",
+        description="Train a GRIN-MoE or MH-MoE from a preset, a config or a saved model on text files, JSON Lines "
+        "or the embedded corpus, with resumable checkpoints. Runs in one process, or under `accelerate launch` with "
+        "a config from configuration/accelerate/ (DDP, FSDP2, DeepSpeed ZeRO-2/3). Writes OUTPUT_DIR/model (a "
+        "Hub-ready folder with model card and plots) and OUTPUT_DIR/train_summary.json.",
+    )
+    train.add_argument("--output-dir", required=True, help="folder for checkpoints and the final model")
+    source = train.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="grin-moe-tiny", help="model preset to train from scratch "
+                        "(default: %(default)s; see configuration/)")
+    source.add_argument("--config", help="a config.json (or a folder holding one) to train from scratch")
+    source.add_argument("--model", help="a saved model folder to fine-tune")
+    train.add_argument("--data", nargs="+", metavar="PATH",
+                       help="text files, .jsonl files or folders of them (default: the embedded corpus)")
+    train.add_argument("--text-field", default="text", help="JSONL field holding the text (default: %(default)s)")
+    train.add_argument("--tokenizer", help="tokenizer folder (default: the model's, else one trained on the data)")
+    train.add_argument("--vocab-size", type=_positive_int, default=2048, help="size of a trained tokenizer")
+    train.add_argument("--steps", type=_positive_int, default=200, help="optimizer steps (default: %(default)s)")
+    train.add_argument("--batch-size", type=_positive_int, default=8,
+                       help="sequences per process per micro-step (default: %(default)s)")
+    train.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    train.add_argument("--block-size", type=_positive_int, default=128, help="tokens per sequence")
+    train.add_argument("--learning-rate", type=float, default=3e-3)
+    train.add_argument("--warmup-steps", type=int, default=20)
+    train.add_argument("--weight-decay", type=float, default=0.01)
+    train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 to disable")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-steps", type=int, default=0, help="write a resumable checkpoint every N steps")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    train.add_argument("--experts-implementation", choices=["eager", "grouped_mm", "batched_mm", "fused"])
+    train.add_argument("--gradient-checkpointing", action="store_true")
+    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                       help="default: the accelerate config's, else no")
+    train.set_defaults(handler=_train)
 
     card = commands.add_parser(
         "card",

@@ -3,6 +3,7 @@
 Every Python installation ships these files, so the demo and the tests need no download.
 """
 
+import json
 import sysconfig
 from pathlib import Path
 
@@ -25,6 +26,42 @@ def embedded_corpus() -> list[str]:
     texts = [(stdlib / name).read_text(encoding="utf-8") for name in CORPUS_MODULES if (stdlib / name).is_file()]
     if not texts:
         raise FileNotFoundError(f"no standard-library sources found under {stdlib} for the embedded corpus")
+    return texts
+
+
+def load_texts(paths: list[str | Path], text_field: str = "text") -> list[str]:
+    """Texts from plain-text files, JSON Lines files (`.jsonl`: one object per line, text under `text_field`) and
+    folders (their `.txt` and `.jsonl` files, recursively, in sorted order). Raises before any training starts when
+    a path does not exist or nothing non-empty is found."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            if not found:
+                raise ValueError(f"dataset folder {path} holds no .txt or .jsonl files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"dataset path {path} does not exist")
+    texts = []
+    for file in files:
+        if file.suffix != ".jsonl":
+            texts.append(file.read_text(encoding="utf-8"))
+            continue
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number} is not valid JSON: {error.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise ValueError(f"{file}:{number} has no string field {text_field!r}")
+            texts.append(record[text_field])
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError(f"the dataset ({', '.join(map(str, paths))}) holds no text")
     return texts
 
 
