@@ -4,7 +4,8 @@ Compares this package's `fused` with transformers' `eager`, `grouped_mm` and `ba
 copies fit in memory) and with `dense`: plain GEMMs doing the same FLOPs (a SwiGLU MLP over the tokens x top_k routed
 rows). All run in one invocation, each in its own subprocess so peak memory is its own; ratios are to be read within
 one run. Routing is uniform random top-k (distinct experts per token), fixed by the seed; the router is not timed.
-The forward+backward step is `experts(x).float().pow(2).mean().backward()`, gradients accumulating as in training.
+The forward+backward step is `experts(x).float().pow(2).mean().backward()` after setting the parameters' gradients
+to None (what `optimizer.zero_grad()` does), so each step stores fresh weight gradients.
 
     grin-moe bench                                     # CPU shape: H=512, I=800, E=16, k=2, 2048 tokens, fp32
     grin-moe bench --device cuda --dtype bfloat16 --shape grin   # GRIN: H=4096, I=6400, E=16, k=2, 8192 tokens
@@ -89,6 +90,7 @@ def _build(args, sizes: dict, implementation: str):
             gate, value = up(x).chunk(2, dim=-1)
             return down(torch.nn.functional.silu(gate) * value)
 
+        dense_step.parameters = lambda: [*up.parameters(), *down.parameters()]
         return dense_step, rows
     config = GrinMoeConfig(
         hidden_size=hidden,
@@ -110,6 +112,7 @@ def _build(args, sizes: dict, implementation: str):
     def step(x):
         return module(x, index, weights)
 
+    step.parameters = module.parameters
     return step, inputs
 
 
@@ -134,7 +137,11 @@ def measure(args, implementation: str) -> dict:
         with torch.no_grad():
             step(inputs)
 
+    parameters = [p for p in getattr(step, "parameters", list)() if p.requires_grad]
+
     def training():
+        for parameter in parameters:  # optimizer.zero_grad() (set_to_none): gradients are stored, not accumulated
+            parameter.grad = None
         x = inputs.detach().requires_grad_(True)
         step(x).float().pow(2).mean().backward()
 
