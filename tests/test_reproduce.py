@@ -1,0 +1,60 @@
+"""Smoke tests of the small-scale paper reproductions in benchmarks/ (a minimal budget: 2 steps, 1 seed)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BUDGET = ["--seeds", "0", "--steps", "2", "--batch-size", "2", "--block-size", "64", "--eval-batch-size", "8",
+          "--heldout-blocks", "8", "--no-progress"]
+
+
+def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # the scripts import reproduce_common as a sibling
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_common(result: dict, variants: list[str], reference: str, json_path: Path, plot_path: Path) -> None:
+    assert plot_path.is_file() and plot_path.stat().st_size > 0
+    assert json.loads(json_path.read_text())["summary"] == json.loads(json.dumps(result["summary"]))
+    assert [row["variant"] for row in result["summary"]] == variants
+    for row in result["summary"]:
+        assert row["seeds"] == 1 and row["heldout_loss_std"] == 0.0
+        assert row["heldout_ppl_mean"] == pytest.approx(2.718281828 ** row["heldout_loss_mean"], rel=1e-6)
+    assert next(r for r in result["summary"] if r["variant"] == reference)["delta_loss_vs_reference_mean"] == 0.0
+    for name in variants:
+        (run,) = result["runs"][name]
+        assert len(run["loss_curve"]) == 2 and run["seconds"] > 0
+        assert 0 < run["active_parameters"] < run["total_parameters"]
+    table = result["table"].splitlines()
+    assert len(table) == 2 + len(variants) and all(" ± " in line for line in table[2:])
+    assert result["budget"]["tokens_per_run"] == 2 * 2 * 64
+
+
+def test_reproduce_mhmoe(tmp_path):
+    module = _load("reproduce_mhmoe")
+    json_path, plot_path = tmp_path / "mhmoe.json", tmp_path / "mhmoe.png"
+    result = module.main([*BUDGET, "--hidden-size", "24", "--layers", "2", "--plot", str(plot_path),
+                          "--json", str(json_path)])
+    variants = ["SMoE", "fine-grained", "MH-MoE h=2", "MH-MoE h=3"]
+    _check_common(result, variants, "SMoE", json_path, plot_path)
+    # FLOPs parity: every variant's MoE layer costs the same per token
+    assert len({result["variants"][name]["moe_flops_per_token"] for name in variants}) == 1
+    assert [result["variants"][name]["heads"] for name in variants] == [1, 1, 2, 3]
+    assert sorted(result["ranking"]) == sorted(variants) and isinstance(result["ordering_matches_paper"], bool)
+
+
+def test_reproduce_sparsemixer(tmp_path):
+    module = _load("reproduce_sparsemixer")
+    json_path, plot_path = tmp_path / "sm.json", tmp_path / "sm.png"
+    result = module.main([*BUDGET, "--plot", str(plot_path), "--json", str(json_path)])
+    _check_common(result, ["SparseMixer-v2", "softmax top-2"], "softmax top-2", json_path, plot_path)
+    assert {v["router_type"] for v in result["variants"].values()} == {"sparsemixer_v2", "softmax_topk"}
+    assert set(result["sparsemixer_minus_softmax"]) >= {"delta_loss_mean", "exceeds_seed_std"}
