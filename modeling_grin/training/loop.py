@@ -204,14 +204,9 @@ def train(
     if checkpoint is not None and _uses_deepspeed(accelerator):
         raise ValueError("resuming is supported for single-process, DDP and FSDP2 runs, not under DeepSpeed")
 
-    texts = load_texts(data, text_field) if data else embedded_corpus()
-    model_has_tokenizer = model is not None and (Path(model) / "tokenizer.json").is_file()
-    tokenizer_source = checkpoint or tokenizer or (model if model_has_tokenizer else None)
-    if tokenizer_source is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    else:
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)  # deterministic: every rank trains the same one
-
+    for name, path in (("model", model), ("config", config), ("tokenizer", tokenizer)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{name} path {path} does not exist")
     if checkpoint is not None or model is not None:
         model_config = AutoConfig.from_pretrained(checkpoint or model)
     elif config is not None:
@@ -220,15 +215,23 @@ def train(
         model_config = load_preset(preset)
     if model_config.model_type not in ("grinmoe", "mh_moe"):
         raise ValueError(f"model_type {model_config.model_type!r} is not one of this package's (grinmoe, mh_moe)")
-    if checkpoint is None and model is None:  # a fresh model is sized for the tokenizer
-        model_config.vocab_size = len(tokenizer)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            setattr(model_config, name, getattr(tokenizer, name))
     if block_size > model_config.max_position_embeddings:
         raise ValueError(
             f"`block_size` ({block_size}) exceeds the model's max_position_embeddings "
             f"({model_config.max_position_embeddings})"
         )
+    texts = load_texts(data, text_field) if data else embedded_corpus()
+    model_has_tokenizer = model is not None and (Path(model) / "tokenizer.json").is_file()
+    tokenizer_source = checkpoint or tokenizer or (model if model_has_tokenizer else None)
+    if tokenizer_source is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    else:
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)  # deterministic: every rank trains the same one
+
+    if checkpoint is None and model is None:  # a fresh model is sized for the tokenizer
+        model_config.vocab_size = len(tokenizer)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            setattr(model_config, name, getattr(tokenizer, name))
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model_config.vocab_size}")
@@ -236,7 +239,7 @@ def train(
 
     blocks = token_blocks(tokenizer, texts, block_size)
     world = accelerator.num_processes
-    num_heldout = max(world, int(len(blocks) * eval_fraction)) // world * world  # equal shares for every rank
+    num_heldout = max(1, int(len(blocks) * eval_fraction))  # independent of the process count: same training rows
     if len(blocks) - num_heldout < 1:
         raise ValueError(f"the dataset gives {len(blocks)} blocks of {block_size} tokens: too few to hold out "
                          f"{num_heldout} for evaluation and train on the rest")
@@ -273,6 +276,9 @@ def train(
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, learning_rate, warmup_steps, steps)
+        # Routing noise (SparseMixer-v2 sampling, jitter) is drawn from a seed per (step, rank): a resumed run
+        # continues exactly as the uninterrupted one would have.
+        torch.manual_seed(seed * 1_000_003 + step * 1_009 + accelerator.process_index)
         rows = global_batch_indices(seed, step, len(train_blocks), global_batch).view(
             gradient_accumulation_steps, world, batch_size
         )
@@ -296,8 +302,11 @@ def train(
             folder = output_dir / f"{CHECKPOINT_PREFIX}{step + 1}"
             _save_checkpoint(accelerator, network, optimizer, tokenizer, folder, step + 1, losses)
 
-    # Every rank evaluates an equal share (FSDP/ZeRO-3 forwards are collective), outside DDP's wrapper.
-    shard = heldout_blocks[accelerator.process_index :: world].to(accelerator.device)
+    # Every rank evaluates an equal share (FSDP/ZeRO-3 forwards are collective; a remainder of fewer than `world`
+    # blocks is left out, a shortage wraps around), outside DDP's wrapper.
+    per_rank = max(1, num_heldout // world)
+    shard_rows = (torch.arange(per_rank) + accelerator.process_index * per_rank) % num_heldout
+    shard = heldout_blocks[shard_rows].to(accelerator.device)
     evaluated = accelerator.unwrap_model(network)
     heldout_loss = accelerator.reduce(torch.tensor(evaluate_loss(evaluated, shard, batch_size)), "mean").item()
     load = accelerator.reduce(expert_load(evaluated, shard, batch_size), "mean").cpu()
