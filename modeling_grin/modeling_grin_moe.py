@@ -13,6 +13,7 @@ from transformers.conversion_mapping import register_checkpoint_conversion_mappi
 from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -191,6 +192,21 @@ def micro_batch_share(labels: torch.Tensor, num_items_in_batch) -> torch.Tensor 
     return (labels[..., 1:] != -100).sum() / num_items_in_batch
 
 
+def mark_moe_blocks_as_zero3_leaves(model: nn.Module) -> None:
+    """Make DeepSpeed ZeRO-3 gather each MoE block's parameters as one unit.
+
+    ZeRO-3 fetches parameters module by module as the forward pass reaches them and prefetches by the order it traced;
+    inside a MoE block which experts run depends on the data, so per-module fetching inside it stalls or desyncs ranks.
+    """
+    block_classes = list({type(module) for module in model.modules() if isinstance(module, GrinMoeSparseMoeBlock)})
+    if block_classes:
+        try:  # optional dependency: inside try, so remote-code loading does not list deepspeed as required
+            from deepspeed.utils import set_z3_leaf_modules
+        except ImportError as error:
+            raise ImportError("DeepSpeed ZeRO-3 is active but deepspeed cannot be imported") from error
+        set_z3_leaf_modules(model, block_classes)
+
+
 class GrinMoePreTrainedModel(PreTrainedModel):
     config: GrinMoeConfig
     base_model_prefix = "model"
@@ -206,6 +222,11 @@ class GrinMoePreTrainedModel(PreTrainedModel):
         "hidden_states": GrinMoeDecoderLayer,
         "attentions": GrinMoeAttention,
     }
+
+    def post_init(self):
+        super().post_init()
+        if is_deepspeed_zero3_enabled():  # Trainer (or HfDeepSpeedConfig) with a ZeRO-3 config
+            mark_moe_blocks_as_zero3_leaves(self)
 
     @torch.no_grad()
     def _init_weights(self, module):

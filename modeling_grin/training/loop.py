@@ -31,6 +31,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_se
 from ..data import embedded_corpus, load_texts, token_blocks, train_tokenizer
 from ..demo import evaluate_loss, expert_load, save_expert_load_heatmap, save_loss_curve
 from ..hub import write_model_card
+from ..modeling_grin_moe import mark_moe_blocks_as_zero3_leaves
 from ..presets import load_preset
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -68,6 +69,10 @@ def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
 
 def _uses_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.state.deepspeed_plugin is not None
+
+
+def _uses_zero3(accelerator: Accelerator) -> bool:
+    return _uses_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def learning_rate_at(step: int, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -250,6 +255,8 @@ def train(
         network = AutoModelForCausalLM.from_pretrained(checkpoint or model, config=model_config)
     else:
         network = AutoModelForCausalLM.from_config(model_config)
+    if _uses_zero3(accelerator):
+        mark_moe_blocks_as_zero3_leaves(network)  # Accelerate without zero3_init does not tell transformers
     if experts_implementation is not None:
         network.set_experts_implementation(experts_implementation)
     if gradient_checkpointing:
