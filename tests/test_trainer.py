@@ -3,7 +3,10 @@
 import pytest
 import torch
 from conftest import tiny_model
+from test_mh_moe import tiny_mh_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from modeling_grin.sparsemixer import GrinMoeRouter
 
 
 class RouterGradient(TrainerCallback):
@@ -11,18 +14,25 @@ class RouterGradient(TrainerCallback):
         self.gradients = []
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.gradients.append(torch.cat([layer.mlp.router.weight.grad.flatten() for layer in model.model.layers]))
+        routers = [module for module in model.modules() if isinstance(module, GrinMoeRouter)]
+        self.gradients.append(torch.cat([router.weight.grad.flatten() for router in routers]))
 
 
-def router_gradient_after_one_step(tmp_path, batch_size, accumulation, examples):
+def router_gradient_after_one_step(
+    tmp_path, batch_size, accumulation, examples, build=tiny_model, experts_implementation=None,
+    gradient_checkpointing=False,
+):
     # Deterministic training forward (softmax top-k, no jitter) so that the two runs see the same computation.
-    model = tiny_model(router_type="softmax_topk", input_jitter_noise=0.0, router_aux_loss_coef=1.0,
-                       output_router_logits=True).train()
+    model = build(router_type="softmax_topk", input_jitter_noise=0.0, router_jitter_noise=0.0,
+                  router_aux_loss_coef=1.0, output_router_logits=True).train()
+    if experts_implementation is not None:
+        model.set_experts_implementation(experts_implementation)
     callback = RouterGradient()
     arguments = TrainingArguments(
-        output_dir=str(tmp_path / f"run-{batch_size}-{accumulation}"), per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-3, report_to=[], use_cpu=True,
-        save_strategy="no", logging_strategy="no", dataloader_drop_last=True, seed=0,
+        output_dir=str(tmp_path / f"run-{batch_size}-{accumulation}-{experts_implementation}"),
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
+        learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+        dataloader_drop_last=True, seed=0, gradient_checkpointing=gradient_checkpointing,
     )
     Trainer(model=model, args=arguments, train_dataset=examples, callbacks=[callback]).train()
     return callback.gradients[0]
@@ -38,6 +48,16 @@ def test_gradient_accumulation_matches_one_larger_batch(tmp_path):
     assert one_batch.abs().max() > 0
     relative = (accumulated - one_batch).abs().max() / one_batch.abs().max()
     assert relative <= 1e-5, f"router gradient differs by {relative:.2e} (N-times-too-strong aux loss?)"
+
+
+@pytest.mark.parametrize("build", [tiny_model, tiny_mh_model], ids=["grin", "mh-moe"])
+def test_fused_experts_with_gradient_checkpointing_train_like_eager(tmp_path, build):
+    row = torch.randint(1, 64, (12,), generator=torch.Generator().manual_seed(0))  # both tiny vocabularies
+    examples = [{"input_ids": row.roll(i), "labels": row.roll(i)} for i in range(4)]
+    eager = router_gradient_after_one_step(tmp_path, 2, 2, examples, build, "eager")
+    fused = router_gradient_after_one_step(tmp_path, 2, 2, examples, build, "fused", gradient_checkpointing=True)
+    assert eager.abs().max() > 0
+    assert (fused - eager).abs().max() / eager.abs().max() <= 1e-5
 
 
 def test_router_logits_stay_out_of_predictions(tmp_path):
