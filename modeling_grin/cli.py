@@ -48,6 +48,16 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    rows = bench.run(args)
+    bench.print_table(rows, args)
+    if args.json:
+        bench.write_json(rows, args, args.json)
+    return 0
+
+
 def _card(args: argparse.Namespace) -> int:
     from .hub import write_model_card
 
@@ -176,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                        help="default: the accelerate config's, else no")
     train.set_defaults(handler=_train)
+
+    bench_command = commands.add_parser(
+        "bench",
+        help="time one MoE layer's experts: fused vs transformers' eager/grouped_mm/batched_mm vs dense GEMMs",
+        description="Forward and forward+backward tokens/s and peak memory of every experts implementation at one "
+        "layer shape, each in its own subprocess, in one run (read the ratios, not absolute times). --shape cpu is "
+        "H=512, I=800, E=16, k=2, 2048 tokens; --shape grin is GRIN-MoE's layer (use with --device cuda).",
+    )
+    from .bench import add_arguments as add_bench_arguments  # light: argparse and torch only
+
+    add_bench_arguments(bench_command)
+    bench_command.set_defaults(handler=_bench)
 
     card = commands.add_parser(
         "card",

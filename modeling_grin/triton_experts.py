@@ -70,6 +70,11 @@ def triton_available() -> bool:
     return triton is not None and (torch.cuda.is_available() or _INTERPRETED)
 
 
+def runs_here(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can run on `tensor`'s device: CUDA with triton, or any device under the interpreter."""
+    return triton is not None and ((tensor.is_cuda and torch.cuda.is_available()) or _INTERPRETED)
+
+
 @dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes. Row-blocked kernels: `rows` sorted pairs x `cols` output columns, reduction steps of `inner`.

@@ -33,3 +33,14 @@ def test_shape_presets_and_overrides():
     assert bench.batched_mm_bytes(args) > args.memory_budget_gib * 2**30  # skipped at GRIN's shape
     argv = bench._subprocess_argv(parser.parse_args(["--top-k", "3"]), "fused")
     assert argv[argv.index("--top-k") + 1] == "3" and argv[argv.index("--only") + 1] == "fused"
+
+
+def test_bench_command(tmp_path, capsys):
+    from modeling_grin.cli import main
+
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--shape", "tiny", "--repeats", "1", "--in-process", "--implementations", "fused", "dense",
+            "--json", str(path)]
+    assert main(argv) == 0
+    assert [row["implementation"] for row in json.loads(path.read_text())["rows"]] == ["fused", "dense"]
+    assert "| fused |" in capsys.readouterr().out

@@ -278,3 +278,26 @@ def test_every_kernel_compiles_for_hopper_without_a_gpu(dtype, precision):
                 signature[name] = "i32"
         source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
         assert triton.compile(source, target=target, options=options).asm["cubin"], kernel.__name__
+
+
+@pytest.mark.parametrize("family", ["grin", "mh-moe"])
+def test_fused_flag_runs_the_kernels_inside_whole_models(kernels, monkeypatch, family):
+    """`experts_implementation="fused"` dispatches here (CUDA, or the interpreter) and trains like eager."""
+    from conftest import tiny_model
+    from test_mh_moe import tiny_mh_model
+
+    calls = []
+    original = kernels.triton_swiglu_experts
+    monkeypatch.setattr(kernels, "triton_swiglu_experts", lambda *args: calls.append(1) or original(*args))
+    build = tiny_model if family == "grin" else tiny_mh_model
+    input_ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = []
+    for implementation in ("eager", "fused"):
+        model = build(router_type="softmax_topk", input_jitter_noise=0.0, router_jitter_noise=0.0).to(DEVICE).train()
+        model.set_experts_implementation(implementation)
+        output = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+        output.loss.backward()
+        results.append([output.logits.detach(), *(p.grad for p in model.parameters() if p.grad is not None)])
+    assert calls, "the fused flag did not reach the Triton kernels"
+    for fused, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
