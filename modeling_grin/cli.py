@@ -51,6 +51,7 @@ def _train(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key not in ("command", "handler")})
     rows = bench.run(args)
     bench.print_table(rows, args)
     if args.json:
