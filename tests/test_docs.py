@@ -359,7 +359,16 @@ def test_inline_command(path, command):
     elif command in (["accelerate", "launch"], ["pip", "install"]):
         pass
     else:
-        check_command(command, where)
+        # Inline summaries may use placeholders: an upper-case word (SRC, N) stands for a value, `{a,b}` for a choice.
+        choices = [re.fullmatch(r"\{([\w-]+(?:,[\w-]+)+)\}", token) for token in command]
+        alternatives = max((len(match.group(1).split(",")) for match in choices if match), default=1)
+        for pick in range(alternatives):
+            concrete = [
+                choice.group(1).split(",")[min(pick, choice.group(1).count(","))] if choice
+                else "1" if re.fullmatch(r"[A-Z][A-Z_]*", token) else token
+                for token, choice in zip(command, choices, strict=True)
+            ]
+            check_command(concrete, where)
 
 
 def test_docs_have_commands_and_the_readme_keeps_its_two_main_ones():
