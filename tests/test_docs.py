@@ -400,6 +400,12 @@ def test_the_checker_rejects_what_it_should():
                 pytest.fail(str(error))
 
 
+def test_the_inline_checker_rejects_what_it_should():
+    for bad in (["grin-moe", "no-such-command"], ["grin-moe", "convert", "SRC", "DST", "--to", "{grinmoe,llama}"]):
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            test_inline_command(ROOT / "README.md", bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Links, index, Python and Mermaid blocks
 
