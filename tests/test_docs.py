@@ -159,18 +159,6 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 
 def parse_grin_moe(arguments: list[str], where: str) -> argparse.Namespace | None:
-    if arguments[:1] == ["bench"] and "bench" not in subcommands():
-        # `grin-moe bench` is documented ahead of its wiring into the CLI: check the flags against the module that
-        # implements it (modeling_grin.bench), then report the command as an expected failure until it is wired.
-        from modeling_grin.bench import build_parser as bench_parser
-
-        try:
-            bench_parser().parse_args(arguments[1:])
-        except SystemExit as exit_:
-            assert exit_.code == 0 and "--help" in arguments, (
-                f"{where}: `grin-moe {' '.join(arguments)}` does not parse"
-            )
-        pytest.xfail("`grin-moe bench` is not a sub-command of the CLI yet (flags checked against modeling_grin.bench)")
     try:
         return build_parser().parse_args(arguments)
     except SystemExit as exit_:
@@ -351,9 +339,7 @@ def test_inline_command(path, command):
     span with arguments is checked like a command of a shell block."""
     where = f"{path.relative_to(ROOT)} (inline `{' '.join(command)}`)"
     if command[0] == "grin-moe" and len(command) <= 2:
-        assert len(command) == 1 or command[1] in subcommands() or command[1] == "bench" and parse_grin_moe(
-            ["bench"], where
-        ), f"{where}: no sub-command {command[1]!r}"
+        assert len(command) == 1 or command[1] in subcommands(), f"{where}: no sub-command {command[1]!r}"
     elif command[0] == "grin-moe" and command[1].isupper():  # a placeholder: `grin-moe COMMAND --help`
         assert command[2:] == ["--help"], where
     elif command in (["accelerate", "launch"], ["pip", "install"]):
