@@ -32,7 +32,7 @@ from torch import nn
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
 
-from . import triton_experts
+from .triton_experts import runs_here, triton_swiglu_experts
 
 # The batched (padded `bmm`) layout is used when E x M padded rows are at most PADDING_SLACK x the N routed pairs and
 # torch runs more than one thread; otherwise the looped one. Measured on this project's 2-core CPU (shared with other
@@ -229,8 +229,8 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         raise ValueError("the fused experts implementation supports gated experts without bias in [E, out, in] layout")
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    if isinstance(self.act_fn, SiLUActivation) and triton_experts.runs_here(hidden_states):
-        return triton_experts.triton_swiglu_experts(
+    if isinstance(self.act_fn, SiLUActivation) and runs_here(hidden_states):
+        return triton_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
         )
     return SortedSwiGLUExperts.apply(

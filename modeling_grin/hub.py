@@ -18,6 +18,7 @@ RUNTIME_MODULES = (
     "sparsemixer.py",
     "experts.py",
     "fused_experts.py",
+    "triton_experts.py",
     "losses.py",
     "modeling_grin_moe.py",
     "modeling_mh_moe.py",

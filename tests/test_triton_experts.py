@@ -286,9 +286,11 @@ def test_fused_flag_runs_the_kernels_inside_whole_models(kernels, monkeypatch, f
     from conftest import tiny_model
     from test_mh_moe import tiny_mh_model
 
+    import modeling_grin.fused_experts as fused_experts
+
     calls = []
     original = kernels.triton_swiglu_experts
-    monkeypatch.setattr(kernels, "triton_swiglu_experts", lambda *args: calls.append(1) or original(*args))
+    monkeypatch.setattr(fused_experts, "triton_swiglu_experts", lambda *args: calls.append(1) or original(*args))
     build = tiny_model if family == "grin" else tiny_mh_model
     input_ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     results = []
