@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 
 from modeling_grin.data import embedded_corpus, token_blocks, train_tokenizer  # noqa: E402
-from modeling_grin.demo import _pyplot, evaluate_loss  # noqa: E402
+from modeling_grin.training.evaluation import _pyplot, evaluate_loss  # noqa: E402
 
 WARMUP_STEPS = 20
 

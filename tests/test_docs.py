@@ -55,6 +55,7 @@ API_COMPLETE_MODULES = (
     "modeling_grin.demo",
     "modeling_grin.training",
     "modeling_grin.training.loop",
+    "modeling_grin.training.evaluation",
     "modeling_grin.training.callbacks",
     "modeling_grin.training.lora",
     "modeling_grin.cli",

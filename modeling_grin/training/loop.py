@@ -29,10 +29,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 
 from ..data import embedded_corpus, load_texts, token_blocks, train_tokenizer
-from ..demo import evaluate_loss, expert_load, save_expert_load_heatmap, save_loss_curve
 from ..hub import write_model_card
 from ..modeling_grin_moe import mark_moe_blocks_as_zero3_leaves
 from ..presets import load_preset
+from .evaluation import evaluate_loss, expert_load, save_expert_load_heatmap, save_loss_curve
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "training_state.json"
@@ -180,6 +180,7 @@ def train(
     gradient_checkpointing: bool = False,
     mixed_precision: str | None = None,
     eval_fraction: float = 0.05,
+    save_dir: str | Path | None = None,
     on_before_optimizer_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train a causal LM of either family and save a Hub-ready folder in `output_dir`.
@@ -190,12 +191,16 @@ def train(
     `batch_size` is per process and per micro-step: the global batch is batch_size × processes ×
     gradient_accumulation_steps sequences of `block_size` tokens. Every `save_steps` steps a resumable checkpoint
     (`checkpoint-STEP/`: a loadable model folder plus optimizer state in safetensors) is written; `resume=True`
-    continues from the latest one. `on_before_optimizer_step(step, model)` sees synchronized gradients.
+    continues from the latest one. The final model goes to `save_dir` (default `output_dir/model`), replacing it.
+    `on_before_optimizer_step(step, model)` sees synchronized gradients.
     Bad input (missing or empty data, block_size above the model's positions) raises before any training starts.
     """
     _validate(steps, batch_size, gradient_accumulation_steps, block_size, learning_rate, save_steps, eval_fraction)
     started = time.perf_counter()
     output_dir = Path(output_dir)
+    save_dir = Path(save_dir) if save_dir is not None else output_dir / "model"
+    if save_steps and save_dir.resolve() == output_dir.resolve():
+        raise ValueError("`save_dir` must differ from `output_dir` when checkpoints are written into it")
     # Without an accelerator Accelerate would run each launched process alone; cpu=True makes it join them over gloo.
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -262,6 +267,7 @@ def train(
     if gradient_checkpointing:
         network.gradient_checkpointing_enable()
     network.train()
+    num_parameters = sum(parameter.numel() for parameter in network.parameters())  # before sharding
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
     network, optimizer = accelerator.prepare(network, optimizer)
 
@@ -318,11 +324,14 @@ def train(
     heldout_loss = accelerator.reduce(torch.tensor(evaluate_loss(evaluated, shard, batch_size)), "mean").item()
     load = accelerator.reduce(expert_load(evaluated, shard, batch_size), "mean").cpu()
     accelerator.unwrap_model(network).config.output_router_logits = False
-    _save_folder(accelerator, network, tokenizer, output_dir / "model")
+    _save_folder(accelerator, network, tokenizer, save_dir)
     accelerator.unwrap_model(network).config.output_router_logits = True
 
     summary = {
-        "output_dir": str(output_dir / "model"),
+        "output_dir": str(save_dir),
+        "parameters": num_parameters,
+        "train_blocks": len(train_blocks),
+        "heldout_blocks": len(heldout_blocks),
         "family": family,
         "processes": world,
         "distributed_type": "FSDP2" if isinstance(network, FSDPModule) else accelerator.distributed_type.value,
@@ -337,7 +346,7 @@ def train(
         "seconds": time.perf_counter() - started,
     }
     if accelerator.is_main_process:
-        folder = output_dir / "model"
+        folder = save_dir
         if losses:
             save_loss_curve(losses, folder / "loss_curve.png", f"{family} training")
         save_expert_load_heatmap(load, folder / "expert_load.png", f"{family}: expert load on held-out text")
