@@ -191,6 +191,13 @@ def run_variants(
     return runs
 
 
+def record_parameter_counts(description: dict[str, dict], runs: dict[str, list[dict]]) -> None:
+    """Copy each variant's active/total parameter counts (the same for every seed) into its description."""
+    for name, variant_runs in runs.items():
+        for key in ("total_parameters", "active_parameters"):
+            description[name][key] = variant_runs[0][key]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)

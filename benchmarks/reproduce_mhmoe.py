@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
         configs, args.seeds, args.steps, args.batch_size, args.block_size, args.lr, progress=not args.no_progress,
         eval_batch_size=args.eval_batch_size, heldout_blocks=args.heldout_blocks,
     )
-    for name, variant_runs in runs.items():
-        description[name]["total_parameters"] = variant_runs[0]["total_parameters"]
-        description[name]["active_parameters"] = variant_runs[0]["active_parameters"]
+    common.record_parameter_counts(description, runs)
     print(f"\nVariants (d={args.hidden_size}, {args.layers} layers, MoE every second layer; FLOPs = 2 × "
           "multiply-accumulates of experts + head/merge, router excluded):\n")
     print(describe(description))
