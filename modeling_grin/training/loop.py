@@ -321,7 +321,9 @@ def train(
     shard_rows = (torch.arange(per_rank) + accelerator.process_index * per_rank) % num_heldout
     shard = heldout_blocks[shard_rows].to(accelerator.device)
     evaluated = accelerator.unwrap_model(network)
-    heldout_loss = accelerator.reduce(torch.tensor(evaluate_loss(evaluated, shard, batch_size)), "mean").item()
+    heldout_loss = accelerator.reduce(
+        torch.tensor(evaluate_loss(evaluated, shard, batch_size), device=accelerator.device), "mean"
+    ).item()
     load = accelerator.reduce(expert_load(evaluated, shard, batch_size), "mean").cpu()
     accelerator.unwrap_model(network).config.output_router_logits = False
     _save_folder(accelerator, network, tokenizer, save_dir)
