@@ -7,8 +7,12 @@ import torch
 
 @torch.no_grad()
 def evaluate_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    """Mean language-modelling loss over `blocks` in eval mode (router losses left out)."""
     model.eval()
-    losses = [model(input_ids=batch, labels=batch).loss.item() for batch in blocks.split(batch_size)]
+    losses = [
+        model(input_ids=batch, labels=batch, output_router_logits=False).loss.item()
+        for batch in blocks.split(batch_size)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
