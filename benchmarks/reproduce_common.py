@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 
 from modeling_grin.data import embedded_corpus, token_blocks, train_tokenizer  # noqa: E402
 from modeling_grin.training.evaluation import _pyplot, evaluate_loss  # noqa: E402
+from modeling_grin.training.loop import learning_rate_at  # noqa: E402
 
 WARMUP_STEPS = 20
 
@@ -123,8 +124,7 @@ def train_and_evaluate(
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: min(1.0, (step + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * min(step / steps, 1.0))),
+        optimizer, lambda step: learning_rate_at(step, 1.0, WARMUP_STEPS, steps)  # a factor of `lr`
     )
     generator = torch.Generator().manual_seed(seed)
     curve, aux = [], float("nan")
@@ -142,7 +142,6 @@ def train_and_evaluate(
         if output.aux_loss is not None:
             aux = output.aux_loss.item()
         bar.set_postfix(loss=f"{curve[-1]:.3f}")
-    model.config.output_router_logits = False  # held-out loss: language modelling only
     heldout_loss = evaluate_loss(model, corpus.heldout_blocks, eval_batch_size)
     return {
         "seed": seed,

@@ -249,7 +249,11 @@ def print_table(rows: list[dict], args, file=None) -> None:
 
 
 def write_json(rows: list[dict], args, path: Path) -> None:
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    settings = {  # the command line's options (a subcommand's handler function is not one)
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in vars(args).items()
+        if not callable(value)
+    }
     payload = {
         "settings": settings,
         "sizes": resolve_shape(args),
@@ -264,6 +268,11 @@ def main(argv=None) -> list[dict] | None:
     if args.only:  # child process: one measurement, one JSON line
         print(json.dumps(measure(args, args.only)))
         return None
+    return report(args)
+
+
+def report(args) -> list[dict]:
+    """Run every measurement, print the table and write `--json` if given; returns the rows."""
     rows = run(args)
     print_table(rows, args)
     if args.json:

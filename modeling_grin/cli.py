@@ -49,13 +49,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .bench import report
 
-    args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key not in ("command", "handler")})
-    rows = bench.run(args)
-    bench.print_table(rows, args)
-    if args.json:
-        bench.write_json(rows, args, args.json)
+    report(args)
     return 0
 
 
