@@ -11,6 +11,8 @@ reused by the backward), in one of two layouts:
   written in place (`out=`); empty experts cost nothing. Used when padding would waste too much: skewed routing and
   small batches (decode: 1 token x top-2 touches 2 experts, the batched layout would read all 16).
   On CUDA the looped layout runs `torch._grouped_mm` (no host synchronisation).
+Expert ids >= E are the sentinels of transformers' expert parallelism (the pair's expert lives on another rank): they
+get no row and no compute, their (token, slot) output is zero and so is their routing-weight gradient.
 
 Forward, rows r of expert e:
     xs[r] = x[token(r)]                     one gather into the row buffer
@@ -63,23 +65,30 @@ class _Plan:
         num_tokens, top_k = expert_index.shape
         num_pairs = num_tokens * top_k
         device = expert_index.device
-        flat_index = expert_index.reshape(-1)
+        # Expert ids >= num_experts are expert-parallel sentinels (pairs whose expert lives on another rank): clamped
+        # to num_experts they sort after every routed pair, get no row, and their (token, slot) outputs are zero.
+        flat_index = expert_index.reshape(-1).clamp(max=num_experts)
         # Plain index_select / scatter_ below: advanced indexing (tensor[index]) of a few thousand elements costs
         # milliseconds on the CPU (it is spread over the threads), index_select microseconds.
         sorted_expert, order = torch.sort(flat_index, stable=True)  # order: sorted position -> pair
-        counts = torch.bincount(flat_index, minlength=num_experts)
+        counts = torch.bincount(flat_index, minlength=num_experts + 1)[:num_experts]
         self.num_tokens, self.top_k, self.num_experts = num_tokens, top_k, num_experts
         self.on_cpu = device.type == "cpu"
         self.batched = False
         if self.on_cpu:
             counts_list = counts.tolist()
             self.bounds = [0, *itertools.accumulate(counts_list)]
+            num_routed = self.bounds[-1]
             most = max(counts_list)
-            self.batched = use_batched_layout(num_experts, most, num_pairs)
-        else:
+            self.batched = num_routed > 0 and use_batched_layout(num_experts, most, num_routed)
+            self.skipped = (flat_index == num_experts).unsqueeze(1) if num_routed < num_pairs else None
+            order, sorted_expert = order[:num_routed], sorted_expert[:num_routed]
+        else:  # no host synchronisation: sentinel rows stay at the tail, where grouped_mm never reads or writes
             self.offsets = counts.cumsum(0).to(torch.int32)
+            num_routed = num_pairs
+            self.skipped = (flat_index == num_experts).unsqueeze(1)
         sorted_weights = routing_weights.reshape(-1).index_select(0, order).to(dtype)
-        positions = torch.arange(num_pairs, device=device)
+        positions = torch.arange(num_routed, device=device)
         if self.batched:
             self.rows_per_expert = most
             self.num_rows = num_experts * most
@@ -92,12 +101,12 @@ class _Plan:
             is_pad = torch.ones(self.num_rows, dtype=torch.bool, device=device).index_fill_(0, row_of_sorted, False)
             self.pad_rows = is_pad.nonzero().squeeze(1)
             self.row_weight = sorted_weights.new_zeros(self.num_rows).scatter_(0, row_of_sorted, sorted_weights)
-            self.pair_row = torch.empty_like(order).scatter_(0, order, row_of_sorted)
         else:
-            self.num_rows = num_pairs
+            self.num_rows = num_routed
             self.row_token = order // top_k
             self.row_weight = sorted_weights
-            self.pair_row = torch.empty_like(order).scatter_(0, order, positions)
+            row_of_sorted = positions
+        self.pair_row = order.new_zeros(num_pairs).scatter_(0, order, row_of_sorted)  # sentinels: row 0, zeroed
 
     def gather_rows(self, tensor: torch.Tensor, weighted: bool = False) -> torch.Tensor:
         """`tensor[token(r)]` for every row r, times the row's routing weight if `weighted`, zero on pad rows."""
@@ -139,8 +148,13 @@ class _Plan:
         return out
 
     def rows_to_pairs(self, rows: torch.Tensor) -> torch.Tensor:
-        """[R, D] -> [T, k, D] in the (token, slot) order of `top_k_index`."""
-        return rows.index_select(0, self.pair_row).view(self.num_tokens, self.top_k, -1)
+        """[R, D] -> [T, k, D] in the (token, slot) order of `top_k_index`; zero for sentinel pairs."""
+        if self.num_rows == 0:  # every pair was a sentinel
+            return rows.new_zeros(self.num_tokens, self.top_k, rows.shape[1])
+        pairs = rows.index_select(0, self.pair_row)
+        if self.skipped is not None:
+            pairs.masked_fill_(self.skipped, 0)
+        return pairs.view(self.num_tokens, self.top_k, -1)
 
 
 def _is_silu(act_fn) -> bool:

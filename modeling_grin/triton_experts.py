@@ -34,8 +34,8 @@ dtype); backward d_gate_up [T*k, 2I], h [T*k, I] (only if dW_down is needed), th
 the fp32 routing-gradient partials [cdiv(I, BLOCK_N), T*k]. Weight gradients are written in the weights' dtype.
 
 All GEMMs accumulate in fp32; fp16/bf16 operands go to tl.dot as they are (tensor cores), fp32 operands use TF32 only
-when `torch.backends.cuda.matmul.allow_tf32` is set. Tensors must be contiguous (the entry point makes them so) and
-expert ids must lie in [0, E).
+when `torch.backends.cuda.matmul.allow_tf32` is set. Tensors must be contiguous (the entry point makes them so); expert
+ids >= E (expert-parallel sentinels) are sorted after every expert's rows and skipped.
 
 CPU: with TRITON_INTERPRET=1 in the environment *before triton is first imported* the same kernels run through
 Triton's numpy interpreter (the tests use that). `triton.jit` decides at decoration time, and Triton's own helpers
@@ -353,9 +353,9 @@ class _Routing:
 def _route(top_k_index: torch.Tensor, num_experts: int, block_rows: int) -> _Routing:
     """Sort the T*k pairs by expert and cut each expert's rows into blocks of `block_rows` (no host sync)."""
     top_k = top_k_index.shape[1]
-    flat = top_k_index.reshape(-1).long()
+    flat = top_k_index.reshape(-1).long().clamp(max=num_experts)  # sentinels (see triton_swiglu_experts) sort last
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
     ends = counts.cumsum(0)
     starts = ends - counts
     blocks = (counts + block_rows - 1) // block_rows
@@ -413,7 +413,7 @@ def _rows_to_pairs(rows, weight, transposed, routing, scale, num_pairs, blocks):
     else:
         stride_we, stride_wk, stride_wn = weight.stride()
     num_cols = weight.shape[1] if transposed else weight.shape[2]
-    out = rows.new_empty(num_pairs, num_cols)
+    out = rows.new_zeros(num_pairs, num_cols)  # sentinel pairs are in no row block: their rows stay zero
     grid = (routing.block_expert.numel(), triton.cdiv(num_cols, blocks.cols))
     _rows_to_pairs_kernel[grid](
         rows, weight, routing.order, scale if scale is not None else rows, *_row_blocks(routing), out,
@@ -508,7 +508,8 @@ def triton_swiglu_experts(
     """sum_k top_k_weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t) with e = top_k_index[t, k], by Triton kernels.
 
     hidden_states `[T, H]`; top_k_weights `[T, k]` (any float dtype, read in fp32); top_k_index `[T, k]` int32/int64
-    expert ids in [0, E); gate_up_proj `[E, 2I, H]` (gate rows first); down_proj `[E, H, I]`. The weights are cast to
+    expert ids in [0, E), or >= E for a pair to skip (the sentinel of transformers' expert parallelism for an expert
+    held by another rank: no compute, zero output and zero routing-weight gradient); gate_up_proj `[E, 2I, H]` (gate rows first); down_proj `[E, H, I]`. The weights are cast to
     the dtype of hidden_states (differentiably). Differentiable w.r.t. hidden_states, top_k_weights and both weights.
     Runs on CUDA tensors, or on CPU tensors when the kernels were built for the interpreter (see the module docstring).
     Results are deterministic: no atomics, and the top-k contributions are summed in a fixed order.

@@ -109,6 +109,50 @@ def test_pad_rows_do_not_leak_non_finite_values_into_other_experts():
         assert (grads[name][4:] == 0).all(), name  # experts nobody routed to: only pad rows
 
 
+def with_sentinels(index, num_experts, seed=0):
+    """Mark about a third of the pairs as expert-parallel sentinels (ids E and E + 3, as if on another rank)."""
+    generator = torch.Generator().manual_seed(seed)
+    off_rank = torch.rand(index.shape, generator=generator) < 0.35
+    sentinel = torch.where(torch.rand(index.shape, generator=generator) < 0.5, num_experts, num_experts + 3)
+    return torch.where(off_rank, sentinel, index)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+@pytest.mark.parametrize("tokens", [1, 9, 64])
+def test_expert_parallel_sentinels_are_skipped(layout, tokens):
+    """Ids >= E (transformers' expert parallelism: the expert is on another rank) contribute nothing, like eager's."""
+    experts = make_experts()
+    index, weights = random_routing(tokens, 8, 2, seed=tokens)
+    index = with_sentinels(index, 8, seed=tokens)
+    index[0] = torch.tensor([8, 3])  # at least one sentinel and one routed pair (eager's output needs one)
+    assert_matches_eager(experts, torch.randn(tokens, 32), index, weights)
+    grads = run(experts, "fused", torch.randn(tokens, 32), index, weights)
+    assert (grads["routing weights"][index >= 8] == 0).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_every_pair_a_sentinel_gives_zeros(layout):
+    experts = make_experts()
+    index = torch.full((5, 2), 8)
+    grads = run(experts, "fused", torch.randn(5, 32), index, torch.rand(5, 2))
+    for name, grad in grads.items():
+        assert (grad == 0).all(), name
+
+
+def test_sentinels_match_transformers_grouped_mm_under_expert_parallelism():
+    """The peer check: transformers' grouped_mm experts with their expert-parallel flag on, same weights and ids."""
+    experts = make_experts()
+    index, weights = random_routing(48, 8, 2, seed=5)
+    index = with_sentinels(index, 8, seed=5)
+    weights = weights.masked_fill(index >= 8, 0.0)  # what transformers' dispatch hands the experts
+    experts._is_expert_parallel = True
+    hidden = torch.randn(48, 32)
+    reference = run(experts, "grouped_mm", hidden, index, weights)
+    fused = run(experts, "fused", hidden, index, weights)
+    for name, expected in reference.items():
+        assert (fused[name] - expected).abs().max() / expected.abs().max().clamp(min=1e-6) <= 1e-5, name
+
+
 def test_layout_policy_small_batches_loop_balanced_batches_pad():
     choose = fused_experts.use_batched_layout
     assert not choose(16, 1, 2, num_threads=2)  # decode, one token x top-2: 2 experts read instead of 16

@@ -121,6 +121,24 @@ def test_all_tokens_to_one_expert_and_empty_experts(kernels):
     assert max(errors.values()) <= 1e-5, errors
 
 
+def test_expert_parallel_sentinels_are_skipped(kernels):
+    """Ids >= E (transformers' expert parallelism: the expert is on another rank) get no compute and zero output,
+    as in the eager loop over this rank's experts; their routing weights get a zero gradient."""
+    experts = make_experts(top_k=2)
+    index, weights = random_routing(13, 4, 2, seed=4)
+    index[::3, 0] = 4
+    index[1::4, 1] = 7
+    errors, result = relative_errors(experts, kernels, torch.randn(13, 32).to(DEVICE), index, weights)
+    assert max(errors.values()) <= 1e-5, errors
+    assert (result["routing weights"][index >= 4] == 0).all()
+    every_pair = torch.full((3, 2), 4, device=DEVICE)
+    output = kernels.triton_swiglu_experts(
+        torch.randn(3, 32, device=DEVICE), torch.rand(3, 2, device=DEVICE), every_pair,
+        experts.gate_up_proj, experts.down_proj,
+    )  # fmt: skip
+    assert (output == 0).all()
+
+
 def test_runs_are_bit_identical(kernels):
     experts = make_experts(top_k=3)
     index, weights = random_routing(16, 4, 3)
