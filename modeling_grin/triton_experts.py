@@ -509,8 +509,9 @@ def triton_swiglu_experts(
 
     hidden_states `[T, H]`; top_k_weights `[T, k]` (any float dtype, read in fp32); top_k_index `[T, k]` int32/int64
     expert ids in [0, E), or >= E for a pair to skip (the sentinel of transformers' expert parallelism for an expert
-    held by another rank: no compute, zero output and zero routing-weight gradient); gate_up_proj `[E, 2I, H]` (gate rows first); down_proj `[E, H, I]`. The weights are cast to
-    the dtype of hidden_states (differentiably). Differentiable w.r.t. hidden_states, top_k_weights and both weights.
+    held by another rank: no compute, zero output and zero routing-weight gradient); gate_up_proj `[E, 2I, H]` (gate
+    rows first); down_proj `[E, H, I]`. The weights are cast to the dtype of hidden_states (differentiably).
+    Differentiable w.r.t. hidden_states, top_k_weights and both weights.
     Runs on CUDA tensors, or on CPU tensors when the kernels were built for the interpreter (see the module docstring).
     Results are deterministic: no atomics, and the top-k contributions are summed in a fixed order.
     """
