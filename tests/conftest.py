@@ -1,4 +1,5 @@
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,10 @@ def released_grin_folder(tmp_path) -> Path:
     save_file(bf16_state, folder / "model.safetensors", metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def free_port() -> int:
+    """A TCP port free right now, for a test's own torch.distributed rendezvous."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,20 +1,13 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import tiny_model
+from conftest import free_port, tiny_model
 from safetensors.torch import load_file, save_file
 
 from modeling_grin.losses import load_balancing_loss, router_z_loss
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_global_balance_over_two_processes_equals_one_process_on_the_concatenated_batch(tmp_path):

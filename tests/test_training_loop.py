@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -58,7 +59,7 @@ def single_process_run(tmp_path_factory, exact_routing_config, small_text):
 def test_two_processes_match_one_process_on_the_same_global_batch(
     launch_config, tmp_path, exact_routing_config, small_text, single_process_run
 ):
-    port = str(29500 + os.getpid() % 1000 + (launch_config == "fsdp2"))
+    port = str(free_port())
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(presets_root() / "accelerate" / f"{launch_config}.yaml"), "--num_processes", "2",
                 "--main_process_port", port]
