@@ -31,7 +31,7 @@ import itertools
 
 import torch
 from torch import nn
-from transformers.activations import SiLUActivation
+from transformers.activations import ACT2FN, SiLUActivation
 from transformers.integrations.moe import ExpertsInterface
 
 from .triton_experts import runs_here, triton_swiglu_experts
@@ -61,7 +61,8 @@ def use_batched_layout(num_experts: int, largest_load: int, num_pairs: int, num_
 class _Plan:
     """Where each routed pair lives in the row buffers, computed once in the forward and reused by the backward."""
 
-    def __init__(self, expert_index: torch.Tensor, routing_weights: torch.Tensor, num_experts: int, dtype):
+    def __init__(self, expert_index, routing_weights, num_experts: int, dtype, num_rows: int | None = None):
+        """`num_rows`: the row count of the forward's plan, given by the backward to get the same layout again."""
         num_tokens, top_k = expert_index.shape
         num_pairs = num_tokens * top_k
         device = expert_index.device
@@ -80,7 +81,10 @@ class _Plan:
             self.bounds = [0, *itertools.accumulate(counts_list)]
             num_routed = self.bounds[-1]
             most = max(counts_list)
-            self.batched = num_routed > 0 and use_batched_layout(num_experts, most, num_routed)
+            if num_rows is None:
+                self.batched = num_routed > 0 and use_batched_layout(num_experts, most, num_routed)
+            else:  # (when E x M == N the two layouts are the same rows in the same order)
+                self.batched = num_rows != num_routed
             self.skipped = (flat_index == num_experts).unsqueeze(1) if num_routed < num_pairs else None
             order, sorted_expert = order[:num_routed], sorted_expert[:num_routed]
         else:  # no host synchronisation: sentinel rows stay at the tail, where grouped_mm never reads or writes
@@ -180,60 +184,143 @@ def _glu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, act_fn) -> tuple[
         derivative = torch.addcmul(sig, activated, sig, value=-1).add_(activated)
         torch.mul(grad_h, up, out=grad_gate).mul_(derivative)
         return activated.mul_(up), grad_gate_up
-    with torch.enable_grad():  # any other activation: autograd on the activation alone
-        gate = gate.detach().requires_grad_(True)
-        activated = act_fn(gate)
-    (grad_activated,) = torch.autograd.grad(activated, gate, grad_h * up)
+    # any other activation: its derivative by torch.func (plain autograd is off inside a custom operator)
+    activated, activation_vjp = torch.func.vjp(act_fn, gate)
+    (grad_activated,) = activation_vjp(grad_h * up)
     grad_gate.copy_(grad_activated)
-    activated = activated.detach()
     torch.mul(grad_h, activated, out=grad_up)
     return activated * up, grad_gate_up
 
 
-class SortedSwiGLUExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, act_fn):
-        dtype = hidden_states.dtype
-        plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
-        rows = plan.gather_rows(hidden_states)
-        gate_up = plan.rows_matmul(rows, gate_up_proj.to(dtype).transpose(1, 2))
-        expert_outputs = plan.rows_matmul(_glu_forward(gate_up, act_fn), down_proj.to(dtype).transpose(1, 2))
-        pair_outputs = plan.rows_to_pairs(expert_outputs)  # [T, k, H]
-        weights = routing_weights.to(dtype).unsqueeze(1)  # [T, 1, k]
-        output = torch.bmm(weights, pair_outputs).squeeze(1)
+# The PyTorch path is a pair of custom operators (forward, backward) so that torch.compile treats each as one opaque
+# call: the routing plan needs data-dependent shapes and, on the CPU, a host read of the expert loads, which would
+# otherwise break the graph (with them, a model using `fused` compiles with fullgraph=True, as with grouped_mm).
+# The backward rebuilds the plan from the routing (a sort and a bincount, small next to the GEMMs).
 
-        ctx.plan, ctx.act_fn = plan, act_fn
-        ctx.routing_dtype = routing_weights.dtype
-        ctx.save_for_backward(rows, gate_up, pair_outputs, gate_up_proj, down_proj)
-        return output
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        rows, gate_up, pair_outputs, gate_up_proj, down_proj = ctx.saved_tensors
-        plan, dtype = ctx.plan, rows.dtype
-        need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
-        grad_output = grad_output.to(dtype)
+@torch.library.custom_op("modeling_grin::sorted_experts", mutates_args=())
+def _sorted_experts(
+    hidden_states: torch.Tensor,
+    routing_weights: torch.Tensor,
+    expert_index: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> output [T, H], and for the backward: rows [R, H], gate_up [R, 2I], expert outputs per pair [T, k, H]."""
+    dtype, act_fn = hidden_states.dtype, ACT2FN[activation]
+    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
+    rows = plan.gather_rows(hidden_states)
+    gate_up = plan.rows_matmul(rows, gate_up_proj.to(dtype).transpose(1, 2))
+    expert_outputs = plan.rows_matmul(_glu_forward(gate_up, act_fn), down_proj.to(dtype).transpose(1, 2))
+    pair_outputs = plan.rows_to_pairs(expert_outputs)  # [T, k, H]
+    output = torch.bmm(routing_weights.to(dtype).unsqueeze(1), pair_outputs).squeeze(1)
+    return output, rows, gate_up, pair_outputs
 
-        grad_routing = None
-        if need_weights:  # d out[t] / d w[t, k] = ys[t, k]
-            grad_routing = torch.bmm(pair_outputs, grad_output.unsqueeze(2)).squeeze(2).to(ctx.routing_dtype)
 
-        grad_rows = plan.gather_rows(grad_output, weighted=True)  # d ys, the routing weight fused in
-        grad_h = plan.rows_matmul(grad_rows, down_proj.to(dtype))
-        activated, grad_gate_up = _glu_backward(gate_up, grad_h, ctx.act_fn)
-        del grad_h
+@_sorted_experts.register_fake
+def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation):
+    num_rows = torch.library.get_ctx().new_dynamic_size()  # N routed pairs, or E x M in the batched layout
+    num_tokens, hidden = hidden_states.shape
+    return (
+        hidden_states.new_empty(num_tokens, hidden),
+        hidden_states.new_empty(num_rows, hidden),
+        hidden_states.new_empty(num_rows, gate_up_proj.shape[1]),
+        hidden_states.new_empty(num_tokens, expert_index.shape[1], hidden),
+    )
 
-        grad_down = grad_gate_up_proj = grad_hidden = None
-        if need_down:
-            grad_down = plan.weight_grad(grad_rows, activated).to(down_proj.dtype)
-        del activated, grad_rows
-        if need_gate_up:
-            grad_gate_up_proj = plan.weight_grad(grad_gate_up, rows).to(gate_up_proj.dtype)
-        if need_hidden:
-            grad_pairs = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype)))
-            # the sum over k as a batched dot with ones: a strided .sum(1) takes twice as long on the CPU
-            grad_hidden = torch.bmm(grad_pairs.new_ones(plan.num_tokens, 1, plan.top_k), grad_pairs).squeeze(1)
-        return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None
+
+@torch.library.custom_op("modeling_grin::sorted_experts_backward", mutates_args=())
+def _sorted_experts_backward(
+    grad_output: torch.Tensor,
+    routing_weights: torch.Tensor,
+    expert_index: torch.Tensor,
+    rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    pair_outputs: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> gradients w.r.t. hidden_states, routing_weights, gate_up_proj, down_proj (empty where `needs` is False)."""
+    need_hidden, need_weights, need_gate_up, need_down = needs
+    dtype, act_fn = rows.dtype, ACT2FN[activation]
+    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype, num_rows=rows.shape[0])
+    grad_output = grad_output.to(dtype)
+    nothing = grad_output.new_empty(0)
+    grad_hidden = grad_routing = grad_gate_up_proj = grad_down = nothing
+
+    if need_weights:  # d out[t] / d w[t, k] = ys[t, k]
+        grad_routing = torch.bmm(pair_outputs, grad_output.unsqueeze(2)).squeeze(2).to(routing_weights.dtype)
+    grad_rows = plan.gather_rows(grad_output, weighted=True)  # d ys, the routing weight fused in
+    grad_h = plan.rows_matmul(grad_rows, down_proj.to(dtype))
+    activated, grad_gate_up = _glu_backward(gate_up, grad_h, act_fn)
+    del grad_h
+    if need_down:
+        grad_down = plan.weight_grad(grad_rows, activated).to(down_proj.dtype)
+    del activated, grad_rows
+    if need_gate_up:
+        grad_gate_up_proj = plan.weight_grad(grad_gate_up, rows).to(gate_up_proj.dtype)
+    if need_hidden:
+        grad_pairs = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype)))
+        # the sum over k as a batched dot with ones: a strided .sum(1) takes twice as long on the CPU
+        grad_hidden = torch.bmm(grad_pairs.new_ones(plan.num_tokens, 1, plan.top_k), grad_pairs).squeeze(1)
+    return grad_hidden, grad_routing, grad_gate_up_proj, grad_down
+
+
+@_sorted_experts_backward.register_fake
+def _(grad_output, routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj, activation,
+      needs):  # fmt: skip
+    shapes_and_dtypes = (
+        (grad_output.shape, rows.dtype),
+        (routing_weights.shape, routing_weights.dtype),
+        (gate_up_proj.shape, gate_up_proj.dtype),
+        (down_proj.shape, down_proj.dtype),
+    )
+    return tuple(
+        grad_output.new_empty(shape if needed else (0,), dtype=dtype if needed else grad_output.dtype)
+        for needed, (shape, dtype) in zip(needs, shapes_and_dtypes, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, routing_weights, expert_index, gate_up_proj, down_proj, activation = inputs
+    _, rows, gate_up, pair_outputs = output
+    ctx.activation = activation
+    ctx.mark_non_differentiable(rows, gate_up, pair_outputs)
+    ctx.save_for_backward(routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj)
+
+
+def _backward(ctx, grad_output, *_unused):
+    routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj = ctx.saved_tensors
+    need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
+    needs = [need_hidden, need_weights, need_gate_up, need_down]
+    grads = _sorted_experts_backward(
+        grad_output, routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj,
+        ctx.activation, needs,
+    )  # fmt: skip
+    grad_hidden, grad_routing, grad_gate_up_proj, grad_down = (
+        grad if needed else None for grad, needed in zip(grads, needs, strict=True)
+    )
+    return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None
+
+
+_sorted_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sorted_swiglu_experts(
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    top_k_index: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """sum_k top_k_weights[t, k] * down_e(act(gate_e x_t) * up_e x_t) with e = top_k_index[t, k]: the PyTorch `fused`
+    path on any device, `activation` a name of transformers' ACT2FN. Shapes and ids (sentinels >= E skipped) as for
+    `triton_swiglu_experts`; differentiable w.r.t. hidden_states, top_k_weights and both weights."""
+    return _sorted_experts(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, activation)[0]
 
 
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -247,8 +334,8 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return triton_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
         )
-    return SortedSwiGLUExperts.apply(
-        hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj, self.act_fn
+    return sorted_swiglu_experts(
+        hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj, self.config.hidden_act
     )
 
 

@@ -213,6 +213,52 @@ def test_both_model_families_match_eager(family, layout):
         assert (fused_grads[name] - grad).abs().max() / grad.abs().max().clamp(min=1e-6) <= 1e-5, name
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_custom_operators_pass_opcheck(layout, activation):
+    """Schema, fake (meta) implementation with its data-dependent row count, autograd registration, AOT tracing."""
+    generator = torch.Generator().manual_seed(0)
+    index, weights = random_routing(9, 4, 2)
+    index[0, 0] = 4  # a sentinel too
+    gate_up_proj, down_proj = torch.randn(4, 24, 16, generator=generator), torch.randn(4, 16, 12, generator=generator)
+    arguments = [torch.randn(9, 16, generator=generator), weights, index, gate_up_proj, down_proj, activation]
+    for position in (0, 1, 3, 4):
+        arguments[position] = arguments[position].clone().requires_grad_(True)
+    # Other activations take their derivative with torch.func.vjp inside the backward, whose wrapped tensors opcheck's
+    # cross-checking modes cannot inspect (they read every intermediate's storage): for them the autograd check only;
+    # test_models_with_fused_experts_compile_into_one_graph compiles a GELU model.
+    checks = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
+    if activation != "silu":
+        checks = ["test_autograd_registration"]
+    torch.library.opcheck(torch.ops.modeling_grin.sorted_experts.default, tuple(arguments), test_utils=checks)
+    output, rows, gate_up, pair_outputs = torch.ops.modeling_grin.sorted_experts(*arguments)
+    backward_arguments = (torch.randn_like(output), weights, index, rows, gate_up, pair_outputs, gate_up_proj,
+                          down_proj, activation, [True, True, False, True])  # fmt: skip
+    torch.library.opcheck(torch.ops.modeling_grin.sorted_experts_backward.default, backward_arguments,
+                          test_utils=checks)  # fmt: skip
+
+
+@pytest.mark.parametrize("family, activation", [("grin", "silu"), ("grin", "gelu"), ("mh_moe", "silu")])
+def test_models_with_fused_experts_compile_into_one_graph(family, activation):
+    """torch.compile(fullgraph=True) works with `fused` (the routing plan stays inside custom operators), and the
+    compiled forward and backward equal eager's. aot_eager: the same tracing as inductor, without code generation."""
+    if family == "grin":
+        model = tiny_model(hidden_act=activation)
+    else:
+        from test_mh_moe import tiny_mh_model
+
+        model = tiny_mh_model()
+    input_ids = torch.randint(1, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    eager_logits, eager_grads = model_outputs_and_grads(model, "fused", input_ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled_logits, compiled_grads = model_outputs_and_grads(compiled, "fused", input_ids)
+    torch._dynamo.reset()
+    assert (compiled_logits - eager_logits).abs().max() <= 1e-5
+    for name, grad in eager_grads.items():
+        assert (compiled_grads[f"_orig_mod.{name}"] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+
+
 def test_flag_is_saved_and_reloaded(tmp_path):
     model = tiny_model()
     model.set_experts_implementation("fused")
