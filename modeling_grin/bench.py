@@ -121,6 +121,23 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def saved_for_backward_bytes(step, inputs: torch.Tensor) -> int:
+    """Bytes of the tensors one forward keeps for its backward, beyond the input and the parameters (which exist
+    anyway): the activation memory a layer adds per step, exact and independent of the allocator."""
+    known = {inputs.data_ptr(), *(parameter.data_ptr() for parameter in step.parameters())}
+    storages = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in known:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step(inputs.detach().requires_grad_(True))
+    return sum(storages.values())
+
+
 def measure(args, implementation: str) -> dict:
     """Time one implementation in this process: median (and min) of `--repeats` runs after one warm-up."""
     sizes = resolve_shape(args)
@@ -162,6 +179,7 @@ def measure(args, implementation: str) -> dict:
         row["peak extra MiB"] = (torch.cuda.max_memory_allocated() - baseline_memory) / 2**20
     else:  # growth of the process's high-water mark after the model and inputs were built
         row["peak extra MiB"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) / 1024
+    row["saved for backward MiB"] = saved_for_backward_bytes(step, inputs) / 2**20
     return row
 
 
@@ -184,7 +202,8 @@ def _subprocess_argv(args, implementation: str) -> list[str]:
 def run(args) -> list[dict]:
     """Measure every selected implementation (each in its own subprocess unless `--in-process`) -> one row each.
 
-    Rows carry the medians, mins and tokens/s of forward and forward+backward, the peak memory growth, and the
+    Rows carry the medians, mins and tokens/s of forward and forward+backward, the peak memory growth, the bytes
+    saved for the backward (`saved_for_backward_bytes`), and the
     forward+backward speed relative to `dense` and `grouped_mm` when those were measured.
     """
     rows = []
@@ -233,17 +252,17 @@ def print_table(rows: list[dict], args, file=None) -> None:
     print(describe(args), file=file)
     print(
         "| implementation | fwd tokens/s | fwd+bwd tokens/s | fwd vs dense | fwd+bwd vs dense | fwd+bwd vs grouped_mm "
-        "| fwd+bwd ms (min) | peak extra MiB |",
+        "| fwd+bwd ms (min) | peak extra MiB | saved for backward MiB |",
         file=file,
     )
-    print("|---|---|---|---|---|---|---|---|", file=file)
+    print("|---|---|---|---|---|---|---|---|---|", file=file)
     for row in rows:
         print(
             f"| {row['implementation']} | {row['forward tokens/s']:,.0f} | {row['forward+backward tokens/s']:,.0f} "
             f"| {ratio(row['forward vs dense'])} | {ratio(row['forward+backward vs dense'])} "
             f"| {ratio(row['forward+backward vs grouped_mm'])} "
             f"| {row['forward+backward ms']:,.1f} ({row['forward+backward ms min']:,.1f}) "
-            f"| {row['peak extra MiB']:,.0f} |",
+            f"| {row['peak extra MiB']:,.0f} | {row['saved for backward MiB']:,.1f} |",
             file=file,
         )
 

@@ -20,11 +20,13 @@ Forward, rows r of expert e:
     h = act(gate) * up                      [R, I]
     ys = h @ W_down[e]^T                    [R, H]
     out[t] = sum_k w[t, k] * ys[row(t, k)]  one gather to [T, k, H], the routing weights applied by a batched dot
-Backward (same rows): g = w(r) * grad_out[token(r)] (one gather, the routing weight fused in); dh = g @ W_down[e];
-the SwiGLU derivative by hand for SiLU (autograd on the activation alone for any other act_fn); dW_down = g^T h and
-dW_gate_up = dgate_up^T xs per expert; dx rows = dgate_up @ W_gate_up[e], summed over k by a gather; the routing
-weight gradient is <grad_out[t], ys[t, k]>, a batched dot with the saved [T, k, H] expert outputs.
-Saved for the backward: xs, gate_up and the [T, k, H] expert outputs (h is recomputed from gate_up).
+Backward (same rows): gs[r] = grad_out[token(r)] (one gather); g = gs @ W_down[e] [R, I]; dh = w(r) * g; the SwiGLU
+derivative by hand for SiLU (`torch.func.vjp` of the activation alone for any other act_fn), which also recomputes h
+from gate_up; the routing weight gradient <grad_out[t], ys[t, k]> = <g, h> per row; dW_down = gs^T (w h) and
+dW_gate_up = dgate_up^T xs per expert (xs gathered again); dx rows = dgate_up @ W_gate_up[e], summed over k by a
+gather and a batched dot.
+Saved for the backward: gate_up only (the [R, 2I] pre-activations), as in the Triton kernels; the inputs are kept by
+reference.
 """
 
 import itertools
@@ -206,38 +208,30 @@ def _sorted_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> output [T, H], and for the backward: rows [R, H], gate_up [R, 2I], expert outputs per pair [T, k, H]."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> output [T, H], and gate_up [R, 2I] for the backward."""
     dtype, act_fn = hidden_states.dtype, ACT2FN[activation]
     plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
-    rows = plan.gather_rows(hidden_states)
-    gate_up = plan.rows_matmul(rows, gate_up_proj.to(dtype).transpose(1, 2))
+    gate_up = plan.rows_matmul(plan.gather_rows(hidden_states), gate_up_proj.to(dtype).transpose(1, 2))
     expert_outputs = plan.rows_matmul(_glu_forward(gate_up, act_fn), down_proj.to(dtype).transpose(1, 2))
     pair_outputs = plan.rows_to_pairs(expert_outputs)  # [T, k, H]
     output = torch.bmm(routing_weights.to(dtype).unsqueeze(1), pair_outputs).squeeze(1)
-    return output, rows, gate_up, pair_outputs
+    return output, gate_up
 
 
 @_sorted_experts.register_fake
 def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation):
     num_rows = torch.library.get_ctx().new_dynamic_size()  # N routed pairs, or E x M in the batched layout
-    num_tokens, hidden = hidden_states.shape
-    return (
-        hidden_states.new_empty(num_tokens, hidden),
-        hidden_states.new_empty(num_rows, hidden),
-        hidden_states.new_empty(num_rows, gate_up_proj.shape[1]),
-        hidden_states.new_empty(num_tokens, expert_index.shape[1], hidden),
-    )
+    return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(num_rows, gate_up_proj.shape[1])
 
 
 @torch.library.custom_op("modeling_grin::sorted_experts_backward", mutates_args=())
 def _sorted_experts_backward(
     grad_output: torch.Tensor,
+    hidden_states: torch.Tensor,
     routing_weights: torch.Tensor,
     expert_index: torch.Tensor,
-    rows: torch.Tensor,
     gate_up: torch.Tensor,
-    pair_outputs: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
@@ -245,35 +239,38 @@ def _sorted_experts_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> gradients w.r.t. hidden_states, routing_weights, gate_up_proj, down_proj (empty where `needs` is False)."""
     need_hidden, need_weights, need_gate_up, need_down = needs
-    dtype, act_fn = rows.dtype, ACT2FN[activation]
-    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype, num_rows=rows.shape[0])
-    grad_output = grad_output.to(dtype)
+    dtype, act_fn = gate_up.dtype, ACT2FN[activation]
+    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype, num_rows=gate_up.shape[0])
     nothing = grad_output.new_empty(0)
     grad_hidden = grad_routing = grad_gate_up_proj = grad_down = nothing
 
-    if need_weights:  # d out[t] / d w[t, k] = ys[t, k]
-        grad_routing = torch.bmm(pair_outputs, grad_output.unsqueeze(2)).squeeze(2).to(routing_weights.dtype)
-    grad_rows = plan.gather_rows(grad_output, weighted=True)  # d ys, the routing weight fused in
-    grad_h = plan.rows_matmul(grad_rows, down_proj.to(dtype))
-    activated, grad_gate_up = _glu_backward(gate_up, grad_h, act_fn)
-    del grad_h
-    if need_down:
-        grad_down = plan.weight_grad(grad_rows, activated).to(down_proj.dtype)
+    grad_rows = plan.gather_rows(grad_output.to(dtype))  # dY[token(r)]
+    grad_pre_weight = plan.rows_matmul(grad_rows, down_proj.to(dtype))  # dY W_down: d out / d h before weighting
+    row_weight = plan.row_weight.unsqueeze(1)
+    activated, grad_gate_up = _glu_backward(gate_up, grad_pre_weight * row_weight, act_fn)
+    if need_weights:  # d out[t] / d w[t, k] = <dY[t], h W_down^T> = <dY[t] W_down, h>
+        row_dots = (grad_pre_weight * activated).sum(1, keepdim=True)
+        grad_routing = plan.rows_to_pairs(row_dots).view_as(routing_weights).to(routing_weights.dtype)
+    del grad_pre_weight
+    if need_down:  # sum_r (w_r dY_r)^T h_r = sum_r dY_r^T (w_r h_r)
+        grad_down = plan.weight_grad(grad_rows, activated.mul_(row_weight)).to(down_proj.dtype)
     del activated, grad_rows
-    if need_gate_up:
+    if need_gate_up:  # the gathered input rows again: cheaper than keeping [R, H] from the forward
+        rows = plan.gather_rows(hidden_states.to(dtype))
         grad_gate_up_proj = plan.weight_grad(grad_gate_up, rows).to(gate_up_proj.dtype)
+        del rows
     if need_hidden:
         grad_pairs = plan.rows_to_pairs(plan.rows_matmul(grad_gate_up, gate_up_proj.to(dtype)))
         # the sum over k as a batched dot with ones: a strided .sum(1) takes twice as long on the CPU
         grad_hidden = torch.bmm(grad_pairs.new_ones(plan.num_tokens, 1, plan.top_k), grad_pairs).squeeze(1)
+        grad_hidden = grad_hidden.to(hidden_states.dtype)
     return grad_hidden, grad_routing, grad_gate_up_proj, grad_down
 
 
 @_sorted_experts_backward.register_fake
-def _(grad_output, routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj, activation,
-      needs):  # fmt: skip
+def _(grad_output, hidden_states, routing_weights, expert_index, gate_up, gate_up_proj, down_proj, activation, needs):
     shapes_and_dtypes = (
-        (grad_output.shape, rows.dtype),
+        (hidden_states.shape, hidden_states.dtype),
         (routing_weights.shape, routing_weights.dtype),
         (gate_up_proj.shape, gate_up_proj.dtype),
         (down_proj.shape, down_proj.dtype),
@@ -285,21 +282,16 @@ def _(grad_output, routing_weights, expert_index, rows, gate_up, pair_outputs, g
 
 
 def _setup_context(ctx, inputs, output):
-    _, routing_weights, expert_index, gate_up_proj, down_proj, activation = inputs
-    _, rows, gate_up, pair_outputs = output
+    hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation = inputs
     ctx.activation = activation
-    ctx.mark_non_differentiable(rows, gate_up, pair_outputs)
-    ctx.save_for_backward(routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden_states, routing_weights, expert_index, output[1], gate_up_proj, down_proj)
 
 
-def _backward(ctx, grad_output, *_unused):
-    routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj = ctx.saved_tensors
+def _backward(ctx, grad_output, _grad_gate_up):
     need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
     needs = [need_hidden, need_weights, need_gate_up, need_down]
-    grads = _sorted_experts_backward(
-        grad_output, routing_weights, expert_index, rows, gate_up, pair_outputs, gate_up_proj, down_proj,
-        ctx.activation, needs,
-    )  # fmt: skip
+    grads = _sorted_experts_backward(grad_output, *ctx.saved_tensors, ctx.activation, needs)
     grad_hidden, grad_routing, grad_gate_up_proj, grad_down = (
         grad if needed else None for grad, needed in zip(grads, needs, strict=True)
     )

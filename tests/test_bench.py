@@ -13,8 +13,10 @@ def test_bench_rows_and_json_at_a_tiny_shape(tmp_path, capsys):
         for phase in ("forward", "forward+backward"):
             assert row[f"{phase} tokens/s"] > 0 and row[f"{phase} ms"] > 0
             assert row[f"{phase} vs dense"] > 0 and row[f"{phase} vs grouped_mm"] > 0
-        assert "peak extra MiB" in row
+        assert "peak extra MiB" in row and row["saved for backward MiB"] > 0
     dense = rows[-1]
+    saved_mib = {row["implementation"]: row["saved for backward MiB"] for row in rows}
+    assert saved_mib["fused"] < saved_mib["grouped_mm"] < saved_mib["eager"]  # gate_up only, vs autograd's saves
     assert dense["forward+backward vs dense"] == 1.0
 
     saved = json.loads(path.read_text())

@@ -231,8 +231,8 @@ def test_custom_operators_pass_opcheck(layout, activation):
     if activation != "silu":
         checks = ["test_autograd_registration"]
     torch.library.opcheck(torch.ops.modeling_grin.sorted_experts.default, tuple(arguments), test_utils=checks)
-    output, rows, gate_up, pair_outputs = torch.ops.modeling_grin.sorted_experts(*arguments)
-    backward_arguments = (torch.randn_like(output), weights, index, rows, gate_up, pair_outputs, gate_up_proj,
+    output, gate_up = torch.ops.modeling_grin.sorted_experts(*arguments)
+    backward_arguments = (torch.randn_like(output), arguments[0].detach(), weights, index, gate_up, gate_up_proj,
                           down_proj, activation, [True, True, False, True])  # fmt: skip
     torch.library.opcheck(torch.ops.modeling_grin.sorted_experts_backward.default, backward_arguments,
                           test_utils=checks)  # fmt: skip
