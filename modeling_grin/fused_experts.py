@@ -30,6 +30,7 @@ reference.
 """
 
 import itertools
+import re
 
 import torch
 from torch import nn
@@ -198,9 +199,13 @@ def _glu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, act_fn) -> tuple[
 # call: the routing plan needs data-dependent shapes and, on the CPU, a host read of the expert loads, which would
 # otherwise break the graph (with them, a model using `fused` compiles with fullgraph=True, as with grouped_mm).
 # The backward rebuilds the plan from the routing (a sort and a bincount, small next to the GEMMs).
+# The operators' namespace comes from this module's name ("modeling_grin_fused_experts" when imported from the
+# package): a model folder exported with remote code imports its own copy of this file under another name, and
+# registering one operator name twice in a process is an error.
+OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
 
-@torch.library.custom_op("modeling_grin::sorted_experts", mutates_args=())
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::sorted_experts", mutates_args=())
 def _sorted_experts(
     hidden_states: torch.Tensor,
     routing_weights: torch.Tensor,
@@ -225,7 +230,7 @@ def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, act
     return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(num_rows, gate_up_proj.shape[1])
 
 
-@torch.library.custom_op("modeling_grin::sorted_experts_backward", mutates_args=())
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::sorted_experts_backward", mutates_args=())
 def _sorted_experts_backward(
     grad_output: torch.Tensor,
     hidden_states: torch.Tensor,

@@ -28,8 +28,8 @@ Backward (three kernels):
 
 Memory: the forward keeps gate_up [T*k, 2I] (input dtype) for the backward and nothing else beyond the inputs and the
 int32 routing tensors: h is recomputed in kernel 3 and the expert outputs y are never stored (the routing-weight
-gradient uses <g, h> instead). That is I per routed row less than keeping h as well, and H per row less than the
-PyTorch `fused` path, which also keeps y. Transient buffers: forward h [T*k, I] and the [T*k, H] pair buffer (input
+gradient uses <g, h> instead), like the PyTorch `fused` path: I per routed row less than keeping h as well.
+Transient buffers: forward h [T*k, I] and the [T*k, H] pair buffer (input
 dtype); backward d_gate_up [T*k, 2I], h [T*k, I] (only if dW_down is needed), the [T*k, H] pair buffer for dX and
 the fp32 routing-gradient partials [cdiv(I, BLOCK_N), T*k]. Weight gradients are written in the weights' dtype.
 
@@ -49,6 +49,7 @@ autotuning: one fixed configuration per device kind.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -396,7 +397,8 @@ def _row_blocks(routing: _Routing):
 def _gate_up_forward(x, gate_up_proj, routing, blocks, save_gate_up):
     num_rows, intermediate = routing.order.numel(), gate_up_proj.shape[1] // 2
     h = x.new_empty(num_rows, intermediate)
-    gate_up = x.new_empty(num_rows, 2 * intermediate) if save_gate_up else h  # h: an unused placeholder pointer
+    # zeros: the rows of sentinel pairs (sorted last, in no block) are never written but leave the operator
+    gate_up = x.new_zeros(num_rows, 2 * intermediate) if save_gate_up else h  # h: an unused placeholder pointer
     grid = (routing.block_expert.numel(), triton.cdiv(intermediate, blocks.cols))
     _gate_up_swiglu_kernel[grid](
         x, gate_up_proj, routing.token, *_row_blocks(routing), gate_up, h, x.shape[1], intermediate,
@@ -445,54 +447,114 @@ def _forward(hidden_states, top_k_weights, routing, gate_up_proj, down_proj, blo
     return output, gate_up
 
 
-class _TritonSwiGLUExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, blocks):
-        routing = _route(top_k_index, gate_up_proj.shape[0], blocks.rows)
-        output, gate_up = _forward(hidden_states, top_k_weights, routing, gate_up_proj, down_proj, blocks, True)
-        ctx.blocks = blocks
-        ctx.routing = routing  # int32 index tensors, not differentiable
-        ctx.save_for_backward(hidden_states, top_k_weights, gate_up_proj, down_proj, gate_up)
-        return output
+# Forward and backward are custom operators, like the PyTorch `fused` path's (see fused_experts.py): torch.compile
+# sees one opaque call (the routing's bincount has a data-dependent size), and a remote-code copy of this module
+# registers its own operators under its own module name.
+OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output):
-        hidden_states, top_k_weights, gate_up_proj, down_proj, gate_up = ctx.saved_tensors
-        routing, blocks = ctx.routing, ctx.blocks
-        need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
-        num_tokens, top_k = top_k_weights.shape
-        num_experts, num_rows = gate_up_proj.shape[0], gate_up.shape[0]
-        hidden, intermediate = hidden_states.shape[1], gate_up.shape[1] // 2
-        grad_output = grad_output.to(hidden_states.dtype).contiguous()
 
-        grad_gate_up = torch.empty_like(gate_up)
-        h = gate_up.new_empty(num_rows, intermediate) if need_down else grad_gate_up  # placeholder if unused
-        column_blocks = triton.cdiv(intermediate, blocks.cols)
-        grad_weight_parts = torch.zeros(column_blocks, num_tokens * top_k, device=gate_up.device, dtype=torch.float32)
-        grid = (routing.block_expert.numel(), column_blocks)
-        _down_swiglu_backward_kernel[grid](
-            grad_output, down_proj, gate_up, routing.token, routing.order, top_k_weights, *_row_blocks(routing),
-            grad_gate_up, h, grad_weight_parts, hidden, intermediate, num_tokens * top_k,
-            STORE_H=need_down, PRECISION=_precision(gate_up.dtype),
-            BLOCK_M=blocks.rows, BLOCK_N=blocks.cols, BLOCK_K=blocks.inner, **_launch_options(blocks),
-        )  # fmt: skip
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::swiglu_experts", mutates_args=())
+def _swiglu_experts(
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    top_k_index: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    blocks: list[int],
+    save_gate_up: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> output [T, H], and gate_up [T*k, 2I] for the backward (empty unless `save_gate_up`)."""
+    block_sizes = BlockSizes(*blocks)
+    routing = _route(top_k_index, gate_up_proj.shape[0], block_sizes.rows)
+    output, gate_up = _forward(
+        hidden_states, top_k_weights, routing, gate_up_proj, down_proj, block_sizes, save_gate_up
+    )
+    return output, gate_up if save_gate_up else hidden_states.new_empty(0)
 
-        grad_hidden = grad_weights = grad_gate_up_proj = grad_down = None
-        if need_weights:
-            grad_weights = grad_weight_parts.sum(0).view(num_tokens, top_k).to(top_k_weights.dtype)
-        if need_hidden:
-            pairs = _rows_to_pairs(grad_gate_up, gate_up_proj, False, routing, None, num_tokens * top_k, blocks)
-            grad_hidden = pairs.view(num_tokens, top_k, hidden).sum(1)
-        if need_down:  # dW_down[e] = sum_r (w_r dY[token_r])^T h_r
-            grad_down = _expert_xty(
-                grad_output, h, routing, num_experts, blocks, down_proj.dtype, x_gather=True, x_scale=top_k_weights
-            )
-        if need_gate_up:  # dW_gate_up[e] = sum_r d_gate_up_r^T x[token_r]
-            grad_gate_up_proj = _expert_xty(
-                grad_gate_up, hidden_states, routing, num_experts, blocks, gate_up_proj.dtype, y_gather=True
-            )
-        return grad_hidden, grad_weights, None, grad_gate_up_proj, grad_down, None
+
+@_swiglu_experts.register_fake
+def _(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, blocks, save_gate_up):
+    gate_up_shape = (top_k_index.numel(), gate_up_proj.shape[1]) if save_gate_up else (0,)
+    return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(gate_up_shape)
+
+
+@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::swiglu_experts_backward", mutates_args=())
+def _swiglu_experts_backward(
+    grad_output: torch.Tensor,
+    hidden_states: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    top_k_index: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up: torch.Tensor,
+    blocks: list[int],
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> gradients w.r.t. hidden_states, top_k_weights, gate_up_proj, down_proj (empty where `needs` is False)."""
+    need_hidden, need_weights, need_gate_up, need_down = needs
+    block_sizes = BlockSizes(*blocks)
+    routing = _route(top_k_index, gate_up_proj.shape[0], block_sizes.rows)  # again: a few small kernels, no sync
+    num_tokens, top_k = top_k_weights.shape
+    num_experts, num_rows = gate_up_proj.shape[0], gate_up.shape[0]
+    hidden, intermediate = hidden_states.shape[1], gate_up.shape[1] // 2
+    grad_output = grad_output.to(hidden_states.dtype).contiguous()
+
+    grad_gate_up = torch.empty_like(gate_up)
+    h = gate_up.new_empty(num_rows, intermediate) if need_down else grad_gate_up  # placeholder if unused
+    column_blocks = triton.cdiv(intermediate, block_sizes.cols)
+    grad_weight_parts = torch.zeros(column_blocks, num_tokens * top_k, device=gate_up.device, dtype=torch.float32)
+    grid = (routing.block_expert.numel(), column_blocks)
+    _down_swiglu_backward_kernel[grid](
+        grad_output, down_proj, gate_up, routing.token, routing.order, top_k_weights, *_row_blocks(routing),
+        grad_gate_up, h, grad_weight_parts, hidden, intermediate, num_tokens * top_k,
+        STORE_H=need_down, PRECISION=_precision(gate_up.dtype),
+        BLOCK_M=block_sizes.rows, BLOCK_N=block_sizes.cols, BLOCK_K=block_sizes.inner, **_launch_options(block_sizes),
+    )  # fmt: skip
+
+    grad_hidden = grad_weights = grad_gate_up_proj = grad_down = grad_output.new_empty(0)
+    if need_weights:
+        grad_weights = grad_weight_parts.sum(0).view(num_tokens, top_k).to(top_k_weights.dtype)
+    if need_hidden:
+        pairs = _rows_to_pairs(grad_gate_up, gate_up_proj, False, routing, None, num_tokens * top_k, block_sizes)
+        grad_hidden = pairs.view(num_tokens, top_k, hidden).sum(1)
+    if need_down:  # dW_down[e] = sum_r (w_r dY[token_r])^T h_r
+        grad_down = _expert_xty(
+            grad_output, h, routing, num_experts, block_sizes, down_proj.dtype, x_gather=True, x_scale=top_k_weights
+        )
+    if need_gate_up:  # dW_gate_up[e] = sum_r d_gate_up_r^T x[token_r]
+        grad_gate_up_proj = _expert_xty(
+            grad_gate_up, hidden_states, routing, num_experts, block_sizes, gate_up_proj.dtype, y_gather=True
+        )
+    return grad_hidden, grad_weights, grad_gate_up_proj, grad_down
+
+
+@_swiglu_experts_backward.register_fake
+def _(grad_output, hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, gate_up, blocks, needs):
+    like = (hidden_states, top_k_weights, gate_up_proj, down_proj)
+    return tuple(
+        torch.empty_like(tensor) if needed else grad_output.new_empty(0)
+        for needed, tensor in zip(needs, like, strict=True)
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, blocks, _ = inputs
+    ctx.blocks = blocks
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, output[1])
+
+
+def _backward(ctx, grad_output, _grad_gate_up):
+    need_hidden, need_weights, _, need_gate_up, need_down, _, _ = ctx.needs_input_grad
+    needs = [need_hidden, need_weights, need_gate_up, need_down]
+    grads = _swiglu_experts_backward(grad_output, *ctx.saved_tensors, ctx.blocks, needs)
+    grad_hidden, grad_weights, grad_gate_up_proj, grad_down = (
+        grad if needed else None for grad, needed in zip(grads, needs, strict=True)
+    )
+    return grad_hidden, grad_weights, None, grad_gate_up_proj, grad_down, None, None
+
+
+_swiglu_experts.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_swiglu_experts(
@@ -542,10 +604,6 @@ def triton_swiglu_experts(
     gate_up_proj = gate_up_proj.to(dtype).contiguous()
     down_proj = down_proj.to(dtype).contiguous()
     inputs = (hidden_states, top_k_weights, gate_up_proj, down_proj)
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs):
-        return _TritonSwiGLUExperts.apply(
-            hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, block_sizes
-        )
-    # inference: the same kernels without keeping gate_up
-    routing = _route(top_k_index, num_experts, block_sizes.rows)
-    return _forward(hidden_states, top_k_weights, routing, gate_up_proj, down_proj, block_sizes, False)[0]
+    save_gate_up = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in inputs)  # else inference
+    blocks = [block_sizes.rows, block_sizes.cols, block_sizes.inner, block_sizes.num_warps, block_sizes.num_stages]
+    return _swiglu_experts(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, blocks, save_gate_up)[0]

@@ -230,11 +230,11 @@ def test_custom_operators_pass_opcheck(layout, activation):
     checks = ["test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"]
     if activation != "silu":
         checks = ["test_autograd_registration"]
-    torch.library.opcheck(torch.ops.modeling_grin.sorted_experts.default, tuple(arguments), test_utils=checks)
-    output, gate_up = torch.ops.modeling_grin.sorted_experts(*arguments)
+    torch.library.opcheck(fused_experts._sorted_experts, tuple(arguments), test_utils=checks)
+    output, gate_up = fused_experts._sorted_experts(*arguments)
     backward_arguments = (torch.randn_like(output), arguments[0].detach(), weights, index, gate_up, gate_up_proj,
                           down_proj, activation, [True, True, False, True])  # fmt: skip
-    torch.library.opcheck(torch.ops.modeling_grin.sorted_experts_backward.default, backward_arguments,
+    torch.library.opcheck(fused_experts._sorted_experts_backward, backward_arguments,
                           test_utils=checks)  # fmt: skip
 
 

@@ -234,10 +234,12 @@ def test_kernels_under_the_cpu_interpreter():
 
 
 def fresh_copy():
-    """A separate copy of the kernels module, leaving the imported one alone."""
-    spec = importlib.util.find_spec(MODULE)
+    """A separate copy of the kernels module, leaving the imported one alone: under its own name, so that it registers
+    its own custom operators instead of replacing the imported module's (as a remote-code copy would)."""
+    spec = importlib.util.spec_from_file_location("triton_experts_copy", importlib.util.find_spec(MODULE).origin)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    assert module.OPERATOR_NAMESPACE == "triton_experts_copy"
     return module
 
 
@@ -321,3 +323,37 @@ def test_fused_flag_runs_the_kernels_inside_whole_models(kernels, monkeypatch, f
     assert calls, "the fused flag did not reach the Triton kernels"
     for fused, eager in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_operators_pass_opcheck(kernels):
+    """Schema, fake implementations, autograd registration and AOT tracing of the kernels' two custom operators."""
+    experts = make_experts()
+    index, weights = random_routing(9, 4, 2)
+    index[0, 1] = 4  # a sentinel too
+    blocks = [16, 16, 16, 4, 3]
+    hidden = torch.randn(9, 32).to(DEVICE).requires_grad_(True)
+    arguments = (hidden, weights.requires_grad_(True), index, experts.gate_up_proj, experts.down_proj, blocks, True)
+    torch.library.opcheck(kernels._swiglu_experts, arguments)
+    output, gate_up = kernels._swiglu_experts(*arguments)
+    backward_arguments = (torch.randn_like(output), hidden.detach(), weights.detach(), index,
+                          experts.gate_up_proj.detach(), experts.down_proj.detach(), gate_up.detach(), blocks,
+                          [True, True, False, True])  # fmt: skip
+    torch.library.opcheck(kernels._swiglu_experts_backward, backward_arguments)
+
+
+def test_models_with_the_kernels_compile_into_one_graph(kernels):
+    """torch.compile(fullgraph=True) of a model whose `fused` experts run the kernels: eager's logits and gradients."""
+    from conftest import tiny_model
+
+    model = tiny_model().to(DEVICE)
+    model.set_experts_implementation("fused")
+    input_ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = []
+    for runner in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        model.zero_grad()
+        output = runner(input_ids=input_ids, labels=input_ids)
+        output.loss.backward()
+        results.append([output.logits.detach(), *(p.grad.clone() for p in model.parameters())])
+    torch._dynamo.reset()
+    for compiled, eager in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
