@@ -398,7 +398,8 @@ def test_the_inline_checker_rejects_what_it_should():
 
 
 def slug(heading: str) -> str:
-    """GitHub's anchor for a heading."""
+    """GitHub's anchor for a heading (a link in it counts by its text)."""
+    heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
     return text.replace(" ", "-")
 
