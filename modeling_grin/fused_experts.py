@@ -62,7 +62,7 @@ def use_batched_layout(num_experts: int, largest_load: int, num_pairs: int, num_
 
 
 class _Plan:
-    """Where each routed pair lives in the row buffers, computed once in the forward and reused by the backward."""
+    """Where each routed pair lives in the row buffers: built by the forward, and again by the backward."""
 
     def __init__(self, expert_index, routing_weights, num_experts: int, dtype, num_rows: int | None = None):
         """`num_rows`: the row count of the forward's plan, given by the backward to get the same layout again."""
@@ -115,11 +115,9 @@ class _Plan:
             row_of_sorted = positions
         self.pair_row = order.new_zeros(num_pairs).scatter_(0, order, row_of_sorted)  # sentinels: row 0, zeroed
 
-    def gather_rows(self, tensor: torch.Tensor, weighted: bool = False) -> torch.Tensor:
-        """`tensor[token(r)]` for every row r, times the row's routing weight if `weighted`, zero on pad rows."""
+    def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor[token(r)]` for every row r, zero on pad rows."""
         rows = tensor.index_select(0, self.row_token)
-        if weighted:
-            rows.mul_(self.row_weight.unsqueeze(1))
         if self.batched:
             rows.index_fill_(0, self.pad_rows, 0)
         return rows
@@ -200,8 +198,8 @@ def _glu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, act_fn) -> tuple[
 # otherwise break the graph (with them, a model using `fused` compiles with fullgraph=True, as with grouped_mm).
 # The backward rebuilds the plan from the routing (a sort and a bincount, small next to the GEMMs).
 # The operators' namespace comes from this module's name ("modeling_grin_fused_experts" when imported from the
-# package): a model folder exported with remote code imports its own copy of this file under another name, and
-# registering one operator name twice in a process is an error.
+# package): a model folder exported with remote code imports its own copy of this file under another name, and a
+# second registration of one operator name would replace the first, the two copies overwriting each other's.
 OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
 
