@@ -108,7 +108,7 @@ class GrinMoeConfig(PreTrainedConfig):
     """
 
     model_type = "grinmoe"
-    keys_to_ignore_at_inference = ["past_key_values", "router_logits", "aux_loss"]
+    keys_to_ignore_at_inference = ["cache", "router_logits", "aux_loss"]
     default_theta = 10000.0
     attribute_map = {"num_experts": "num_local_experts"}
     base_model_tp_plan = {

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 
 from .configuration_mh_moe import MhMoeConfig
@@ -108,7 +109,7 @@ class MhMoeModel(MhMoePreTrainedModel, GrinMoeModel):
     decoder_layer_class = MhMoeDecoderLayer
 
 
-class MhMoeForCausalLM(MhMoePreTrainedModel, GrinMoeForCausalLM):
+class MhMoeForCausalLM(MhMoePreTrainedModel, GrinMoeForCausalLM, GenerationMixin):
     model_class = MhMoeModel
 
 

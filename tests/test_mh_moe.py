@@ -206,14 +206,14 @@ def test_cache_generate_gradient_checkpointing_and_experts_implementations():
     with torch.no_grad():
         full = model(input_ids).logits
         prefix = model(input_ids[:, :8], use_cache=True)
-        step = model(input_ids[:, 8:], past_key_values=prefix.past_key_values, use_cache=True)
+        step = model(input_ids[:, 8:], cache=prefix.cache, use_cache=True)
         assert (torch.cat([prefix.logits, step.logits], 1) - full).abs().max() <= 1e-5
         generated = model.generate(input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert generated.shape == (2, 17)
         model.set_experts_implementation("grouped_mm")
         assert (model(input_ids).logits - full).abs().max() <= 1e-5
     model.set_experts_implementation("eager")
-    model.train().gradient_checkpointing_enable()
+    model.train().activation_checkpointing_enable()
     model(input_ids, labels=input_ids).loss.backward()
     assert model.model.layers[0].mlp.head_proj.weight.grad is not None
 

@@ -142,7 +142,7 @@ def test_router_outputs_during_cached_generation():
                          eos_token_id=None, output_router_logits=True, return_dict_in_generate=True)
     assert out.sequences.shape == (3, 12)
     step = model(out.sequences[:, -1:], attention_mask=torch.ones(3, 12, dtype=torch.long),
-                 past_key_values=model(out.sequences[:, :-1], use_cache=True).past_key_values)
+                 cache=model(out.sequences[:, :-1], use_cache=True).cache)
     assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
 
 
@@ -164,10 +164,10 @@ def test_kv_cache_decoding_matches_full_forward():
     with torch.no_grad():
         full = model(input_ids).logits
         prefix = model(input_ids[:, :9], use_cache=True)
-        cache, steps = prefix.past_key_values, [prefix.logits]
+        cache, steps = prefix.cache, [prefix.logits]
         for position in range(9, 14):
-            step = model(input_ids[:, position : position + 1], past_key_values=cache, use_cache=True)
-            cache = step.past_key_values
+            step = model(input_ids[:, position : position + 1], cache=cache, use_cache=True)
+            cache = step.cache
             steps.append(step.logits)
     assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
 
@@ -190,7 +190,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model(input_jitter_noise=0.0, router_type="softmax_topk")
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.activation_checkpointing_enable()
         model(input_ids, labels=input_ids).loss.backward()
         gradients.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)

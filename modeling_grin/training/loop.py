@@ -265,7 +265,7 @@ def train(
     if experts_implementation is not None:
         network.set_experts_implementation(experts_implementation)
     if gradient_checkpointing:
-        network.gradient_checkpointing_enable()
+        network.activation_checkpointing_enable()
     network.train()
     num_parameters = sum(parameter.numel() for parameter in network.parameters())  # before sharding
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=weight_decay)
