@@ -1,5 +1,7 @@
 import json
 import socket
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,53 @@ def tiny_model(seed: int = 0, **overrides) -> GrinMoeForCausalLM:
     return model
 
 
+@torch.no_grad()
+def peak_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights under which every token's context decides its prediction, so a lost cache changes the tokens.
+
+    With normal(0, 0.2) everywhere a tiny model predicts nearly one token whatever the input (the norms' and biases'
+    noise dominates), and comparisons of generated tokens pass vacuously. Here norms are the identity, biases small,
+    embeddings and the LM head of unit scale, the rest large enough that attention and routing both matter.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:
+            parameter.fill_(1.0 if name.endswith("weight") else 0.0)
+        elif name.endswith("bias"):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+        elif "embed_tokens" in name or "lm_head" in name:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        else:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return model
+
+
+def informative_model(seed: int = 0, **overrides) -> GrinMoeForCausalLM:
+    """`tiny_model` with peaked weights (see `peak_weights_`), for generation and cache tests."""
+    return peak_weights_(GrinMoeForCausalLM(tiny_config(**overrides)).eval(), seed)
+
+
+@torch.no_grad()
+def assert_informative(model, input_ids: torch.Tensor, new_tokens: int = 12) -> None:
+    """Fail if a comparison of generated tokens could pass vacuously on this model.
+
+    Checks that greedy decoding does not repeat a few tokens, that decoding each step from its last token alone (what
+    a forgotten cache amounts to) changes most predictions, and that routing spreads over several experts.
+    """
+    sequences = model.generate(input_ids, max_new_tokens=new_tokens, do_sample=False, use_cache=False,
+                               pad_token_id=0, eos_token_id=None)
+    generated = sequences[:, input_ids.shape[1]:]
+    assert generated.unique().numel() >= generated.numel() // 3, f"greedy tokens barely vary: {generated.tolist()}"
+    with_context = model(sequences).logits.argmax(-1)
+    last_token_only = model(sequences.reshape(-1, 1)).logits.argmax(-1).reshape(sequences.shape)
+    changed = (with_context != last_token_only)[:, input_ids.shape[1] - 1 : -1].float().mean().item()
+    assert changed >= 0.5, f"the context changes only {changed:.0%} of the predictions"
+    router_logits = model(sequences, output_router_logits=True).router_logits
+    top_k = model.config.num_experts_per_tok
+    used = torch.cat([logits.topk(top_k, dim=-1).indices.flatten() for logits in router_logits]).unique().numel()
+    assert used >= min(3, model.config.num_local_experts), f"routing uses only {used} experts"
+
+
 def rewrite_as_phimoe(folder: Path) -> None:
     """Turn a saved GRIN-MoE folder into one transformers' PhimoeForCausalLM reads (same weights, same keys)."""
     config = json.loads((folder / "config.json").read_text())
@@ -118,3 +167,45 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- upstream drift guard
+
+OUR_MODULES = ("modeling_grin", "transformers_modules")  # the package and its exported remote-code copies
+
+
+def _top_package(frame) -> str:
+    return (frame.f_globals.get("__name__") or "").split(".")[0]
+
+
+def deprecated_use_by_our_code(emitting_frame) -> str | None:
+    """The module of ours that called the warning library's API, or None when someone else did.
+
+    pyproject's filters catch warnings attributed to our modules; libraries that warn with the default stacklevel
+    attribute the warning to themselves (transformers' `gradient_checkpointing_enable`, say). So walk out of the
+    emitting package and look at who called into it.
+    """
+    library, frame = _top_package(emitting_frame), emitting_frame
+    if library.startswith(OUR_MODULES):
+        return None  # our own warnings are pyproject's business
+    while frame is not None and _top_package(frame) in (library, "functools", "contextlib"):
+        frame = frame.f_back
+    caller = frame.f_globals.get("__name__", "") if frame is not None else ""
+    return caller if caller.startswith(OUR_MODULES) else None
+
+
+@pytest.fixture(autouse=True)
+def deprecations_reached_from_our_code_fail(monkeypatch):
+    """A FutureWarning or DeprecationWarning for an API our code calls is an error: it is upstream drift."""
+    original_warn = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None):
+        if category is None:
+            category = type(message) if isinstance(message, Warning) else UserWarning
+        if issubclass(category, (FutureWarning, DeprecationWarning)):
+            caller = deprecated_use_by_our_code(sys._getframe(1))
+            if caller is not None:
+                raise category(f"{message} [reached from {caller}]")
+        return original_warn(message, category, stacklevel + 1, source)
+
+    monkeypatch.setattr(warnings, "warn", warn)
