@@ -1,3 +1,4 @@
+# Copyright 2026 The modeling-grin authors. Licensed under the MIT License.
 """Configuration of MH-MoE (multi-head MoE, arXiv 2404.15045 / 2411.16205) and its FLOPs/parameter parity helpers."""
 
 from dataclasses import dataclass
@@ -33,6 +34,20 @@ class MhMoeConfig(GrinMoeConfig):
     """
 
     model_type = "mh_moe"
+    # GRIN's plan (attention heads, every expert's intermediate features), plus MH-MoE's dense SwiGLU FFN layers and
+    # shared expert, sharded Megatron-style on their intermediate size (colwise gate/up, rowwise down). The head and
+    # merge projections stay replicated: the split into sub-tokens needs every feature of the projected token, and
+    # the merge reads the experts' summed (replicated) output. A rule whose modules this config does not build (dense
+    # rules with `moe_layer_frequency=1`, shared-expert rules without one) is skipped with a warning.
+    base_model_tp_plan = {
+        **GrinMoeConfig.base_model_tp_plan,
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.shared_expert.gate_proj": "colwise",
+        "layers.*.mlp.shared_expert.up_proj": "colwise",
+        "layers.*.mlp.shared_expert.down_proj": "rowwise",
+    }
 
     vocab_size: int = 32000
     hidden_size: int = 768
