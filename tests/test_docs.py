@@ -15,6 +15,7 @@ import inspect
 import re
 import runpy
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,10 +170,32 @@ def parse_grin_moe(arguments: list[str], where: str) -> argparse.Namespace | Non
         return None
 
 
+def ci_test_commands() -> list[list[str]]:
+    """The pytest lines of .ci/run: the whole suite first, then the tests run on the lowest supported transformers."""
+    return [shlex.split(line) for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
+
+
 def ci_test_command() -> list[str]:
-    lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line]
-    assert len(lines) == 1, "expected exactly one pytest line in .ci/run"
-    return shlex.split(lines[0])
+    commands = ci_test_commands()
+    assert len(commands) == 2, "expected two pytest lines in .ci/run (newest transformers, lowest transformers)"
+    return commands[0]
+
+
+def test_ci_runs_the_whole_suite_then_model_tests_on_the_lowest_transformers():
+    whole, lowest = ci_test_commands()
+    assert whole == ["python", "-m", "pytest", "-q"]
+    assert lowest[: len(whole)] == whole and len(lowest) > len(whole)
+    for test_file in ("test_modeling_grin_moe.py", "test_mh_moe.py", "test_generation.py", "test_conversion.py"):
+        assert f"tests/{test_file}" in lowest
+    for test_file in lowest[len(whole):]:
+        assert (ROOT / test_file).is_file(), test_file
+    # The floor CI installs is the one setup.cfg declares.
+    script = (ROOT / ".ci" / "run").read_text()
+    assert 'fresh_venv .venv-ci-lowest "transformers==$lowest"' in script
+    (read_floor,) = [line for line in script.splitlines() if line.startswith("lowest=")]
+    read = subprocess.run(["bash", "-c", f'{read_floor}; echo "$lowest"'], cwd=ROOT, capture_output=True, text=True)
+    (floor,) = [spec.version for spec in setup_requirements()[0]["transformers"].specifier if spec.operator == ">="]
+    assert read.stdout.strip() == floor
 
 
 def setup_requirements() -> tuple[dict[str, Requirement], set[str]]:

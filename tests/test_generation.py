@@ -166,8 +166,8 @@ def test_static_cache_equals_uncached(family_model):
 
 def test_assisted_decoding_gives_the_greedy_tokens(family_model):
     input_ids = prompt(batch=1)
-    assistant = build("grin" if not isinstance(family_model, MhMoeForCausalLM) else "mh_moe")
-    peak_weights_(assistant, seed=1)  # a different model: most drafts get rejected, some accepted
+    family = "mh_moe" if isinstance(family_model, MhMoeForCausalLM) else "grin"
+    assistant = peak_weights_(build(family), seed=1)  # another model of the family: its drafts are often rejected
     greedy = generate(family_model, input_ids)
     assisted = generate(family_model, input_ids, assistant_model=assistant)
     assert_same_decoding(greedy, assisted)

@@ -32,7 +32,7 @@ def router_gradient_after_one_step(
         output_dir=str(tmp_path / f"run-{batch_size}-{accumulation}-{experts_implementation}"),
         per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1,
         learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
-        dataloader_drop_last=True, seed=0, gradient_checkpointing=gradient_checkpointing,
+        dataloader_drop_last=True, seed=0, activation_checkpointing=gradient_checkpointing,
     )
     Trainer(model=model, args=arguments, train_dataset=examples, callbacks=[callback]).train()
     return callback.gradients[0]
