@@ -1,3 +1,4 @@
+# Copyright 2026 The modeling-grin authors. Licensed under the MIT License.
 """Configuration of GRIN-MoE (and of Phi-3.5-MoE, which shares its architecture)."""
 
 from huggingface_hub.dataclasses import strict
@@ -27,9 +28,12 @@ def validate_moe_fields(config) -> None:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     _require(1 <= kv_heads <= heads and heads % kv_heads == 0, "num_key_value_heads",
              f"a divisor of num_attention_heads ({heads})", kv_heads)
+    # q_proj maps hidden_size -> heads * head_dim and o_proj back, so hidden_size need not be a multiple of the heads;
+    # RoPE rotates channel pairs, so head_dim (set, or hidden_size // num_attention_heads) must be positive and even.
     if config.head_dim is None:
-        _require(config.hidden_size % heads == 0, "hidden_size",
-                 f"divisible by num_attention_heads ({heads}) when head_dim is not set", config.hidden_size)
+        _require((config.hidden_size // heads) % 2 == 0 and config.hidden_size >= 2 * heads, "hidden_size",
+                 f"at least 2 * num_attention_heads ({2 * heads}) with hidden_size // num_attention_heads even (that "
+                 "quotient is head_dim when head_dim is not set, and RoPE needs an even one)", config.hidden_size)
     else:
         _require(config.head_dim >= 1 and config.head_dim % 2 == 0, "head_dim", "a positive even integer",
                  config.head_dim)

@@ -34,11 +34,13 @@ from .sparsemixer import GrinMoeRouter
 # The released checkpoint stores `block_sparse_moe.gate` and one module per expert (`experts.N.w1/w2/w3`). These
 # converters fuse them into our 3-D experts at load time, and `save_pretrained` applies them in reverse, so the Hub
 # layout round-trips. Registered here, in the modeling file, so that remote-code loading registers it too.
+# Each renaming maps released keys straight to ours, and no pattern of one matches what another produces, in either
+# direction: every matching renaming fires in turn (on save in reverse order), so overlapping ones would chain.
 register_checkpoint_conversion_mapping(
     "grinmoe",
     [
-        WeightRenaming(".block_sparse_moe.", ".mlp."),
-        WeightRenaming(".mlp.gate.weight", ".mlp.router.weight"),
+        WeightRenaming(".block_sparse_moe.gate.weight", ".mlp.router.weight"),
+        WeightRenaming(".block_sparse_moe.experts.", ".mlp.experts."),
         WeightConverter(
             source_patterns=[".experts.*.w1.weight", ".experts.*.w3.weight"],
             target_patterns=".experts.gate_up_proj",

@@ -5,7 +5,7 @@ import torch
 from conftest import RELEASED_GRIN_CONFIG, tiny_config
 from transformers import AutoConfig
 
-from modeling_grin import GrinMoeConfig
+from modeling_grin import GrinMoeConfig, GrinMoeForCausalLM
 from modeling_grin.presets import list_presets, load_preset, preset_path
 
 
@@ -71,7 +71,10 @@ def test_phi35_longrope_config_reads():
         ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
         ({"num_experts_per_tok": 5}, "num_experts_per_tok"),
         ({"num_local_experts": 0}, "num_local_experts"),
-        ({"hidden_size": 30}, "hidden_size"),
+        ({"hidden_size": 30}, "hidden_size"),  # 4 heads: head_dim 7 is odd, RoPE cannot rotate it
+        ({"hidden_size": 37}, "hidden_size"),  # head_dim 9
+        ({"hidden_size": 6}, "hidden_size"),  # head_dim 1
+        ({"hidden_size": 3}, "hidden_size"),  # head_dim 0
         ({"num_key_value_heads": 3}, "num_key_value_heads"),
         ({"num_key_value_heads": 8}, "num_key_value_heads"),
         ({"router_jitter_noise": -0.1}, "router_jitter_noise"),
@@ -95,6 +98,36 @@ def test_invalid_fields_raise_value_error_naming_the_field(overrides, field):
 
 def test_head_dim_may_differ_from_hidden_over_heads():
     assert tiny_config(hidden_size=30, head_dim=8).head_dim == 8
+
+
+def test_odd_head_dim_cannot_run_so_it_is_rejected():
+    """The rule is as strict as the model: bypass the check and RoPE fails on head_dim 9 (as Phimoe's does)."""
+    with pytest.raises(ValueError, match=r"`hidden_size` must be at least 2 \* num_attention_heads \(8\) with .* even"):
+        tiny_config(hidden_size=37)
+    config = tiny_config(hidden_size=32, head_dim=8)
+    config.head_dim = 9
+    with pytest.raises(RuntimeError):
+        GrinMoeForCausalLM(config).eval()(torch.randint(0, 96, (1, 4)))
+
+
+@pytest.mark.parametrize("heads, head_dim", [(2, 18), (8, 4)])
+def test_hidden_size_not_a_multiple_of_the_heads_runs_end_to_end(heads, head_dim):
+    """hidden_size 37: head_dim = 37 // heads; q_proj maps 37 -> heads * head_dim and o_proj back."""
+    config = tiny_config(hidden_size=37, num_attention_heads=heads, num_key_value_heads=2)
+    assert config.head_dim == head_dim
+    torch.manual_seed(0)
+    # eager experts: torch's grouped_mm (the default implementation) needs 16-byte aligned rows, which 37 fp32 lacks
+    model = GrinMoeForCausalLM(config).eval()
+    model.set_experts_implementation("eager")
+    assert model.model.layers[0].self_attn.o_proj.weight.shape == (37, heads * head_dim)
+    ids = torch.randint(1, 95, (2, 5))
+    with torch.no_grad():
+        logits = model(ids).logits
+        generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert logits.shape == (2, 5, 96) and torch.isfinite(logits).all()
+    assert generated.shape == (2, 9)
+    with torch.no_grad():  # greedy decoding with the cache matches re-encoding the whole sequence
+        assert torch.equal(model(generated[:, :-1]).logits[:, -1].argmax(-1), generated[:, -1])
 
 
 def test_presets_resolve_and_build_configs():
