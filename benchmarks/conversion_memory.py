@@ -33,6 +33,27 @@ print(json.dumps({"seconds": seconds, "baseline_rss_mib": baseline / 1024, "peak
 """
 
 
+VOCAB = 1000
+
+
+def non_expert_tensors(layer: int, args) -> dict[str, torch.Tensor]:
+    """Attention and norms of `layer`, plus the embeddings (first shard) and final norm and LM head (last shard):
+    the converter refuses a checkpoint that lacks any tensor its config implies."""
+    hidden, prefix = args.hidden, f"model.layers.{layer}"
+    tensors = {}
+    for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):  # 8 heads and 8 key-value heads: all hidden x hidden
+        tensors[f"{prefix}.self_attn.{projection}.weight"] = torch.randn(hidden, hidden)
+        tensors[f"{prefix}.self_attn.{projection}.bias"] = torch.randn(hidden)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        tensors[f"{prefix}.{norm}.weight"], tensors[f"{prefix}.{norm}.bias"] = torch.ones(hidden), torch.zeros(hidden)
+    if layer == 0:
+        tensors["model.embed_tokens.weight"] = torch.randn(VOCAB, hidden)
+    if layer == args.layers - 1:
+        tensors["model.norm.weight"], tensors["model.norm.bias"] = torch.ones(hidden), torch.zeros(hidden)
+        tensors["lm_head.weight"], tensors["lm_head.bias"] = torch.randn(VOCAB, hidden), torch.zeros(VOCAB)
+    return tensors
+
+
 def write_synthetic(folder: Path, args) -> int:
     hidden, intermediate, experts = args.hidden, args.intermediate, args.experts
     weight_map, total = {}, 0
@@ -44,6 +65,7 @@ def write_synthetic(folder: Path, args) -> int:
             shard[f"{prefix}.w3.weight"] = torch.randn(intermediate, hidden)
             shard[f"{prefix}.w2.weight"] = torch.randn(hidden, intermediate)
         shard[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = torch.randn(experts, hidden)
+        shard.update(non_expert_tensors(layer, args))
         name = f"model-{layer + 1:05d}-of-{args.layers:05d}.safetensors"
         save_file(shard, folder / name, metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in shard.values())
@@ -52,7 +74,7 @@ def write_synthetic(folder: Path, args) -> int:
                                                                      "weight_map": weight_map}))
     config = {"model_type": "grinmoe", "hidden_size": hidden, "intermediate_size": intermediate,
               "num_local_experts": experts, "num_experts_per_tok": 2, "num_hidden_layers": args.layers,
-              "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 1000}
+              "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": VOCAB}
     (folder / "config.json").write_text(json.dumps(config))
     return total
 

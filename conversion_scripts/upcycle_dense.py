@@ -12,4 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # also runs fro
 from modeling_grin.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["upcycle", *sys.argv[1:]]))
+    arguments = sys.argv[1:]
+    debug = ["--debug"] if "--debug" in arguments else []  # a top-level flag of grin-moe: it goes before the command
+    sys.exit(main([*debug, "upcycle", *(argument for argument in arguments if argument != "--debug")]))

@@ -1,7 +1,14 @@
 """The `grin-moe` command."""
 
 import argparse
+import math
 import sys
+from pathlib import Path
+
+# Errors a user can fix: bad input (ConversionError and the configs' validation errors are ValueErrors) or a file that
+# is missing, exists already or cannot be written (OSErrors). `main` reports them in one line on stderr with exit
+# status 2, no traceback (`grin-moe --debug ...` shows it). Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -55,16 +62,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metric(item: str) -> tuple[str, float]:
+    metric, _, text = item.partition("=")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--metric takes NAME=NUMBER, got {item!r}") from None
+    if not metric or not math.isfinite(value):
+        raise ValueError(f"--metric takes NAME=NUMBER with a finite number, got {item!r}")
+    return metric, value
+
+
 def _card(args: argparse.Namespace) -> int:
     from .hub import write_model_card
 
-    results = {}
-    for item in args.metric:
-        metric, _, value = item.partition("=")
-        try:
-            results[metric] = float(value)
-        except ValueError:
-            raise ValueError(f"--metric takes NAME=NUMBER, got {item!r}") from None
+    results = dict(_metric(item) for item in args.metric)
+    readme = Path(args.folder) / "README.md"
+    if (readme.exists() or readme.is_symlink()) and not args.force:
+        raise FileExistsError(f"{readme} exists; pass --force to replace it")
     path = write_model_card(
         args.folder, license=args.license, base_model=args.base_model, eval_results=results or None,
         eval_dataset=args.eval_dataset,
@@ -114,11 +129,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _add_output_options(command: argparse.ArgumentParser) -> None:
     """The options every checkpoint-writing command shares."""
     command.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast floating tensors")
     command.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: %(default)s)")
-    command.add_argument("--force", action="store_true", help="replace an existing destination")
+    command.add_argument("--force", action="store_true",
+                         help="replace the destination if it is a previous output of grin-moe convert or upcycle")
     command.add_argument(
         "--verify", action="store_true",
         help="re-read the output (presence, shape, checksum) and compare logits with the source when it is small",
@@ -127,6 +153,7 @@ def _add_output_options(command: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grin-moe", description="GRIN-MoE and MH-MoE for Hugging Face transformers.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -177,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, 0 to disable")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-steps", type=int, default=0, help="write a resumable checkpoint every N steps")
-    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest undamaged checkpoint in --output-dir; refused when it belongs to "
+                       "another run (other config, tokenizer or data) or has reached --steps already")
     train.add_argument("--experts-implementation", choices=["eager", "grouped_mm", "batched_mm", "fused"])
     train.add_argument("--gradient-checkpointing", action="store_true")
     train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
@@ -207,14 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     card.add_argument("--base-model", help="Hub id of the model this one was trained from")
     card.add_argument("--metric", action="append", default=[], metavar="NAME=VALUE", help="an evaluation result")
     card.add_argument("--eval-dataset", default="held-out text", help="what the metrics were measured on")
+    card.add_argument("--force", action="store_true", help="replace an existing README.md")
     card.set_defaults(handler=_card)
 
     convert = commands.add_parser(
         "convert",
         help="convert a GRIN-MoE / Phi-3.5-MoE / Phimoe checkpoint folder to grinmoe or phimoe format",
         description="Stream a safetensors checkpoint shard by shard into a new folder for this package (grinmoe) or "
-        "for transformers' PhimoeForCausalLM (phimoe). Written to a temporary folder and renamed at the end; an "
-        "error leaves no partial output.",
+        "for transformers' PhimoeForCausalLM (phimoe). Every tensor the config implies is checked before anything "
+        "is written; the output is written to a temporary folder and swapped in at the end, so an error or a kill "
+        "leaves no partial output, and --force replaces only a previous output of grin-moe convert or upcycle.",
     )
     convert.add_argument("source", help="checkpoint folder (config.json + safetensors)")
     convert.add_argument("destination", help="folder to create")
@@ -234,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--top-k", type=_positive_int, required=True)
     upcycle.add_argument("--router-type", choices=["softmax_topk", "sparsemixer_v2"], default="softmax_topk",
                          help="routing of the new model (default: %(default)s, which preserves the dense function)")
-    upcycle.add_argument("--noise-std", type=float, default=0.0, help="expert noise, relative to each matrix's std")
-    upcycle.add_argument("--router-init-std", type=float, default=0.02)
+    upcycle.add_argument("--noise-std", type=_finite_non_negative, default=0.0,
+                         help="expert noise, relative to each matrix's std (default: %(default)s)")
+    upcycle.add_argument("--router-init-std", type=_finite_non_negative, default=0.02,
+                         help="standard deviation of the new router's weights (default: %(default)s)")
     upcycle.add_argument("--seed", type=int, default=0)
     _add_output_options(upcycle)
     upcycle.set_defaults(handler=_upcycle)
@@ -246,8 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:  # ConversionError is a ValueError
-        print(f"grin-moe {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the exception holds
+        print(f"grin-moe {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

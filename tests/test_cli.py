@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_grin.cli import main
@@ -64,3 +65,29 @@ def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(output_dir)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model).__name__ == "GrinMoeForCausalLM" and len(tokenizer) == model.config.vocab_size
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "missing")]) == 2
+    captured = capsys.readouterr().err
+    assert captured.startswith("grin-moe card: error: ") and captured.count("\n") == 1 and "Traceback" not in captured
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        main(["--debug", "card", str(tmp_path / "missing")])
+
+
+def test_card_replaces_an_existing_readme_only_with_force(tmp_path, capsys):
+    tiny_model().save_pretrained(tmp_path)
+    (tmp_path / "README.md").write_text("my own notes")
+    assert main(["card", str(tmp_path)]) == 2
+    assert "README.md exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "README.md").read_text() == "my own notes"
+    assert main(["card", str(tmp_path), "--force"]) == 0
+    assert "library_name: transformers" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_card_rejects_non_finite_metrics(tmp_path, capsys, value):
+    tiny_model().save_pretrained(tmp_path)
+    assert main(["card", str(tmp_path), "--metric", f"perplexity={value}"]) == 2
+    assert "finite number" in capsys.readouterr().err
+    assert not (tmp_path / "README.md").exists()

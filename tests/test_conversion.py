@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from conftest import RELEASED_GRIN_CONFIG, TINY_SIZES, rewrite_as_phimoe, tiny_model
+from conftest import RELEASED_GRIN_CONFIG, TINY_SIZES, informative_model, rewrite_as_phimoe, tiny_model
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PhimoeForCausalLM
 
@@ -76,6 +76,25 @@ def test_phimoe_source_keeps_its_rope_default(tmp_path):
     assert json.loads((tmp_path / "grin" / "config.json").read_text())["rope_theta"] == 1_000_000.0
 
 
+def test_fields_left_to_grin_defaults_keep_their_meaning_in_phimoe(tmp_path):
+    # A GRIN config.json that relies on GrinMoeConfig's defaults where PhimoeConfig's differ (attention and LM-head
+    # biases on, a 2047-token window): the Phimoe config must spell them out, or Phimoe drops biases and window.
+    model = informative_model(sliding_window=None, max_position_embeddings=4096)
+    model.save_pretrained(tmp_path / "grin")
+    config = json.loads((tmp_path / "grin" / "config.json").read_text())
+    for field in ("attention_bias", "lm_head_bias", "sliding_window", "max_position_embeddings", "input_jitter_noise"):
+        config.pop(field, None)
+    (tmp_path / "grin" / "config.json").write_text(json.dumps(config))
+    convert_checkpoint(tmp_path / "grin", tmp_path / "phi", to="phimoe")
+    written = json.loads((tmp_path / "phi" / "config.json").read_text())
+    assert written["attention_bias"] is True and written["lm_head_bias"] is True
+    assert written["sliding_window"] == 2047 and written["max_position_embeddings"] == 4096
+    phimoe = PhimoeForCausalLM.from_pretrained(tmp_path / "phi").eval()
+    input_ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (phimoe(input_ids).logits - model(input_ids).logits).abs().max() <= 1e-4
+
+
 def assert_no_output(tmp_path, name):
     assert not (tmp_path / name).exists()
     assert not list(tmp_path.glob(f".{name}.converting-*"))
@@ -113,15 +132,18 @@ def test_config_that_does_not_match_the_tensors(sharded_grin, tmp_path, field, v
     assert_no_output(tmp_path, "out")
 
 
-def test_existing_destination_needs_force(sharded_grin, tmp_path):
+def test_existing_destination_needs_force_and_force_replaces_only_our_output(sharded_grin, tmp_path):
     _, folder = sharded_grin
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     with pytest.raises(ConversionError, match="--force"):
         convert_checkpoint(folder, tmp_path / "out", to="grinmoe")
+    with pytest.raises(ConversionError, match="not an output of grin-moe convert"):
+        convert_checkpoint(folder, tmp_path / "out", to="grinmoe", force=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    convert_checkpoint(folder, tmp_path / "out", to="grinmoe", force=True)
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "config.json").is_file()
+    convert_checkpoint(folder, tmp_path / "ours", to="phimoe")
+    convert_checkpoint(folder, tmp_path / "ours", to="grinmoe", force=True)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "grinmoe"
 
 
 def test_unsupported_requests(sharded_grin, tmp_path):
@@ -152,25 +174,33 @@ def test_cli_and_script(sharded_grin, tmp_path, capsys):
     assert subprocess.run(script, capture_output=True, text=True).returncode == 0
 
 
-def test_killing_the_converter_leaves_no_destination(tmp_path):
+def test_killing_the_converter_keeps_the_old_destination_and_the_next_run_cleans_up(tmp_path):
     model = tiny_model(num_hidden_layers=2)
     big = tmp_path / "big"
     model.save_pretrained(big, max_shard_size="4KB")
+    convert_checkpoint(big, tmp_path / "out", to="phimoe")
+    old = tensors(tmp_path / "out")
     command = [sys.executable, "-c", (
         "import sys, time, modeling_grin.conversion as c\n"
         "original = c._checksum\n"
         "def slow(t):\n    time.sleep(0.05)\n    return original(t)\n"
         "c._checksum = slow\n"
-        f"c.convert_checkpoint({str(big)!r}, {str(tmp_path / 'out')!r}, to='grinmoe')\n"
+        f"c.convert_checkpoint({str(big)!r}, {str(tmp_path / 'out')!r}, to='grinmoe', force=True)\n"
     )]
     process = subprocess.Popen(command)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.converting-*")) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)
-    process.kill()
+    process.kill()  # SIGKILL: no handler runs
     process.wait()
-    assert not (tmp_path / "out").exists()
+    assert [path.name for path in tmp_path.glob(".out.*")] == [f".out.converting-{process.pid}"]
+    written = tensors(tmp_path / "out")
+    assert written.keys() == old.keys() and all(torch.equal(written[name], old[name]) for name in old)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "phimoe"
+    convert_checkpoint(big, tmp_path / "out", to="grinmoe", force=True)  # the next run removes the dead run's folder
+    assert not list(tmp_path.glob(".out.*"))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "grinmoe"
 
 
 def test_verify_compares_logits_with_the_source(sharded_grin, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from modeling_grin import GrinMoeForCausalLM
@@ -68,3 +69,72 @@ def test_cli_and_script(tmp_path, capsys):
     script = [sys.executable, "conversion_scripts/upcycle_dense.py", str(tmp_path / "dense"), str(tmp_path / "b"),
               "--num-experts", "2", "--top-k", "1", "--verify"]
     assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+
+
+def saved_dense(tmp_path, kind, edit=None, **overrides):
+    torch.manual_seed(0)
+    config = (LlamaConfig if kind == "llama" else Phi3Config)(**{**SIZES, **overrides})
+    model = LlamaForCausalLM(config) if kind == "llama" else Phi3ForCausalLM(config)
+    model.save_pretrained(tmp_path / "dense")
+    if edit is not None:
+        weights = load_file(tmp_path / "dense" / "model.safetensors")
+        edit(weights)
+        save_file(weights, tmp_path / "dense" / "model.safetensors", metadata={"format": "pt"})
+    return tmp_path / "dense"
+
+
+@pytest.mark.parametrize("kind, edit, message", [
+    ("llama", lambda w: w.pop("model.layers.1.self_attn.q_proj.weight"),
+     "model.layers.1.self_attn.q_proj.weight is missing from the source"),
+    ("llama", lambda w: w.pop("model.norm.weight"), "model.norm.weight is missing from the source"),
+    ("llama", lambda w: w.update({"model.layers.0.self_attn.q_proj.weight": torch.zeros(30, 32)}),
+     r"model.layers.0.self_attn.q_proj.weight has shape \(30, 32\), the config implies \(32, 32\)"),
+    ("llama", lambda w: w.update({"model.layers.0.mlp.up_proj.weight": torch.zeros(40, 32)}),
+     r"experts.0.w3.weight \(from model.layers.0.mlp.up_proj.weight\) has shape \(40, 32\), the config implies "
+     r"\(48, 32\)"),
+    ("phi3", lambda w: w.update({"model.layers.0.self_attn.qkv_proj.weight": torch.zeros(60, 32)}),
+     r"model.layers.0.self_attn.qkv_proj.weight has shape \(60, 32\), the config implies \(64, 32\)"),
+    ("phi3", lambda w: w.update({"model.layers.0.mlp.gate_up_proj.weight": torch.zeros(95, 32)}),
+     r"model.layers.0.mlp.gate_up_proj.weight has shape \(95, 32\), the config implies \(96, 32\)"),
+])
+def test_incomplete_or_misshapen_dense_checkpoints_are_refused_before_writing(tmp_path, monkeypatch, kind, edit,
+                                                                              message):
+    import modeling_grin.conversion as conversion
+
+    source = saved_dense(tmp_path, kind, edit)
+    monkeypatch.setattr(conversion, "save_file", lambda *args, **kwargs: pytest.fail("written before the checks"))
+    with pytest.raises(ConversionError, match=message):
+        upcycle_checkpoint(source, tmp_path / "moe", num_experts=2, top_k=1, verify=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dense"]
+
+
+def test_mlp_biases_are_refused_not_dropped(tmp_path):
+    source = saved_dense(tmp_path, "llama", mlp_bias=True)
+    with pytest.raises(ConversionError, match="mlp_bias=true, but GRIN-MoE experts have no biases"):
+        upcycle_checkpoint(source, tmp_path / "moe", num_experts=2, top_k=1)
+    assert not (tmp_path / "moe").exists()
+
+
+@pytest.mark.parametrize("flag", ["--noise-std", "--router-init-std"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.1", "x"])
+def test_non_finite_or_negative_standard_deviations_are_usage_errors(tmp_path, capsys, flag, value):
+    argv = ["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--num-experts", "2", "--top-k", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, f"{flag}={value}"])
+    assert exit_info.value.code == 2 and f"argument {flag}: must be a" in capsys.readouterr().err
+    source = saved_dense(tmp_path, "llama") if not (tmp_path / "dense").exists() else tmp_path / "dense"
+    keyword = flag[2:].replace("-", "_")
+    if value != "x":
+        with pytest.raises(ConversionError, match=f"{keyword} must be a finite number >= 0"):
+            upcycle_checkpoint(source, tmp_path / "moe", num_experts=2, top_k=1, **{keyword: float(value)})
+    assert not (tmp_path / "moe").exists()
+
+
+def test_a_bad_phi3_checkpoint_is_one_line_on_the_command_line(tmp_path, capsys):
+    source = saved_dense(tmp_path, "phi3", lambda w: w.update(
+        {"model.layers.1.self_attn.qkv_proj.weight": torch.zeros(64, 31)}))
+    capsys.readouterr()
+    assert main(["upcycle", str(source), str(tmp_path / "moe"), "--num-experts", "2", "--top-k", "1"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == ["grin-moe upcycle: error: model.layers.1.self_attn.qkv_proj.weight has shape (64, 31), the "
+                     "config implies (64, 32)"]

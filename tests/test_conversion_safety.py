@@ -1,0 +1,409 @@
+"""What `grin-moe convert` / `upcycle` guarantee about the files around them (issue 14, docs/conversion.md): `--force`
+deletes only a previous output of ours and swaps it atomically, every tensor is checked before anything is written,
+leftovers of killed runs are cleaned by the next run, nothing outside the source is read, and a user error is one
+line on stderr. The dense-model side of upcycling is in test_upcycling.py."""
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import modeling_grin.conversion as conversion
+from modeling_grin.cli import main
+from modeling_grin.conversion import ConversionError, convert_checkpoint
+
+
+def tensors(folder):
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as reader:
+            out.update({name: reader.get_tensor(name) for name in reader.keys()})
+    return out
+
+
+def hidden_entries(folder):
+    return sorted(entry.name for entry in folder.iterdir() if entry.name.startswith("."))
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def one_line_error(capsys, command="convert") -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.strip().splitlines() if not line.startswith("converting shards")]
+    assert len(lines) == 1 and lines[0].startswith(f"grin-moe {command}: error: "), captured.err
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def grin(tmp_path_factory):
+    """A tiny GRIN-MoE checkpoint in several shards (not to be modified: copy it first)."""
+    folder = tmp_path_factory.mktemp("source") / "grin"
+    tiny_model(num_hidden_layers=1).save_pretrained(folder, max_shard_size="20KB")
+    return folder
+
+
+@pytest.fixture
+def single_file(tmp_path):
+    """A tiny GRIN-MoE checkpoint in one `model.safetensors`, free to edit."""
+    folder = tmp_path / "single"
+    tiny_model(num_hidden_layers=1).save_pretrained(folder)
+    return folder
+
+
+def edit_weights(folder, edit):
+    weights = load_file(folder / "model.safetensors")
+    edit(weights)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture
+def old_output(grin, tmp_path):
+    """`tmp_path / "out"`: a previous output of `grin-moe convert` (phimoe format) and its tensors."""
+    convert_checkpoint(grin, tmp_path / "out", to="phimoe")
+    return tmp_path / "out", tensors(tmp_path / "out")
+
+
+def assert_is_output(folder, expected_tensors, model_type):
+    assert json.loads((folder / "config.json").read_text())["model_type"] == model_type
+    written = tensors(folder)
+    assert written.keys() == expected_tensors.keys()
+    assert all(torch.equal(written[name], expected_tensors[name]) for name in written)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. --force deletes nothing but a previous output of ours, and replaces it by renames
+
+
+@pytest.mark.parametrize("destination", [".", "..", "CWD"])
+def test_the_current_directory_is_never_a_destination(grin, tmp_path, monkeypatch, capsys, destination):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "important.txt").write_text("keep me")
+    monkeypatch.chdir(work)
+    destination = str(work) if destination == "CWD" else destination
+    assert main(["convert", str(grin), destination, "--to", "grinmoe", "--force"]) == 2
+    assert "current directory" in one_line_error(capsys)
+    assert sorted(os.listdir(work)) == ["important.txt"] and (work / "important.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["work"]
+
+
+@pytest.mark.parametrize("destination, message", [
+    ("work/src", "is the source"), ("work", "holds the source"), ("work/src/sub", "inside the source"),
+])
+def test_the_source_and_folders_around_or_inside_it_are_refused(grin, tmp_path, destination, message):
+    source = tmp_path / "work" / "src"
+    shutil.copytree(grin, source)
+    before = sorted(path.name for path in source.iterdir())
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(source, tmp_path / destination, to="grinmoe", force=True)
+    assert sorted(path.name for path in source.iterdir()) == before
+    assert sorted(os.listdir(tmp_path / "work")) == ["src"]
+
+
+@pytest.mark.parametrize("kind", ["foreign file", "our output plus a file", "untagged checkpoint", "subfolder"])
+def test_force_refuses_a_folder_it_did_not_write(grin, old_output, tmp_path, kind):
+    destination, _ = old_output
+    if kind == "foreign file":
+        shutil.rmtree(destination)
+        destination.mkdir()
+        (destination / "important.txt").write_text("keep me")
+    elif kind == "our output plus a file":
+        (destination / "README.md").write_text("keep me")
+    elif kind == "untagged checkpoint":  # a model saved by transformers, not by a conversion
+        shutil.rmtree(destination)
+        shutil.copytree(grin, destination)
+    else:
+        (destination / "notes").mkdir()
+    before = {path.name: path.read_bytes() for path in destination.iterdir() if path.is_file()}
+    with pytest.raises(ConversionError, match="not an output of grin-moe convert or upcycle"):
+        convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    assert {path.name: path.read_bytes() for path in destination.iterdir() if path.is_file()} == before
+    assert hidden_entries(tmp_path) == []
+
+
+def test_force_replaces_a_previous_output_or_an_empty_folder(grin, old_output, tmp_path):
+    destination, phimoe_tensors = old_output
+    convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    assert_is_output(destination, phimoe_tensors, "grinmoe")
+    assert hidden_entries(tmp_path) == []
+    (tmp_path / "empty").mkdir()
+    convert_checkpoint(grin, tmp_path / "empty", to="grinmoe", force=True)
+    assert (tmp_path / "empty" / "config.json").is_file()
+
+
+def test_a_failure_while_moving_the_new_output_in_puts_the_old_one_back(grin, old_output, tmp_path, monkeypatch):
+    destination, phimoe_tensors = old_output
+    rename = os.rename
+
+    def failing_rename(source, target):  # the second rename of the swap: new output into place
+        if os.path.basename(source).startswith(".out.converting-"):
+            assert not destination.exists()  # the old output is aside by now
+            raise KeyboardInterrupt("simulated crash")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    monkeypatch.undo()
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
+def test_a_kill_while_deleting_the_old_output_leaves_the_new_one_and_the_next_run_cleans(grin, old_output, tmp_path,
+                                                                                          monkeypatch):
+    destination, phimoe_tensors = old_output
+
+    def killed_midway(path):
+        next(path.iterdir()).unlink()  # part of the old output is gone when the kill comes
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(conversion, "_delete_folder", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    monkeypatch.undo()
+    assert_is_output(destination, phimoe_tensors, "grinmoe")
+    assert [name.rsplit("-", 1)[0] for name in hidden_entries(tmp_path)] == [".out.removing"]
+    convert_checkpoint(grin, tmp_path / "other", to="phimoe")  # another destination leaves it alone
+    assert len(hidden_entries(tmp_path)) == 1
+    convert_checkpoint(grin, destination, to="phimoe", force=True)
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
+def test_a_kill_between_the_two_renames_is_undone_by_the_next_run(grin, old_output, tmp_path):
+    destination, phimoe_tensors = old_output
+    pid = dead_pid()
+    # The state a kill leaves after the old output was renamed aside and before the new one was renamed in.
+    destination.rename(tmp_path / f".out.replaced-{pid}")
+    convert_checkpoint(grin, tmp_path / "new", to="grinmoe")
+    (tmp_path / "new").rename(tmp_path / f".out.converting-{pid}")
+    with pytest.raises(ConversionError, match="exists; pass --force"):
+        convert_checkpoint(grin, destination, to="grinmoe")  # the old output is back, so it is not replaced
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_destination_that_appears_during_the_run_is_left_alone(grin, tmp_path, monkeypatch, force):
+    destination = tmp_path / "out"
+    write_shards = conversion._write_shards
+
+    def someone_else_creates_it(*args, **kwargs):
+        manifest = write_shards(*args, **kwargs)
+        destination.mkdir()
+        (destination / "theirs.txt").write_text("keep me")
+        return manifest
+
+    monkeypatch.setattr(conversion, "_write_shards", someone_else_creates_it)
+    with pytest.raises(ConversionError, match="appeared or changed while converting"):
+        convert_checkpoint(grin, destination, to="grinmoe", force=force)
+    assert os.listdir(destination) == ["theirs.txt"] and hidden_entries(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Every tensor the config implies is checked (presence, shape, dtype) before anything is written
+
+
+@pytest.fixture
+def nothing_written(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a shard was written before the checks failed")
+
+    monkeypatch.setattr(conversion, "save_file", fail)
+
+
+def test_a_shard_of_non_expert_tensors_missing_from_index_and_disk(single_file, tmp_path, nothing_written):
+    weights = load_file(single_file / "model.safetensors")
+    experts = {name: tensor for name, tensor in weights.items() if ".experts." in name}
+    (single_file / "model.safetensors").unlink()
+    save_file(experts, single_file / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": dict.fromkeys(experts, "model-00001-of-00002.safetensors")}
+    (single_file / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=r"model.embed_tokens.weight \(and \d+ more\) is missing from the source"):
+        convert_checkpoint(single_file, tmp_path / "deep" / "out", to="grinmoe", verify=True)
+    assert not (tmp_path / "deep").exists() and hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.layers.0.self_attn.q_proj.weight", (32, 30)),
+    ("model.norm.weight", (31,)),
+    ("lm_head.weight", (95, 32)),
+    ("model.layers.0.block_sparse_moe.gate.weight", (5, 32)),
+])
+def test_a_wrong_shape_is_named_with_the_expected_one(single_file, tmp_path, nothing_written, name, shape):
+    right = tuple(load_file(single_file / "model.safetensors")[name].shape)
+    edit_weights(single_file, lambda weights: weights.update({name: torch.zeros(shape)}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="phimoe", verify=True)
+    assert str(error.value) == f"{name} has shape {shape}, the config implies {right}"
+    assert hidden_entries(tmp_path) == []
+
+
+def test_fused_experts_with_a_wrong_shape_name_their_source(single_file, tmp_path, nothing_written):
+    model = tiny_model(num_hidden_layers=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, single_file / "model.safetensors")
+    edit_weights(single_file, lambda weights: weights.update(
+        {"model.layers.0.mlp.experts.down_proj": torch.zeros(4, 32, 20)}))
+    with pytest.raises(ConversionError, match=r"experts.0.w2.weight \(from model.layers.0.mlp.experts.down_proj\) "
+                                              r"has shape \(32, 20\), the config implies \(32, 24\)"):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda w: w.update({"model.norm.weight": torch.ones(32, dtype=torch.int64)}), "must be floating point"),
+    (lambda w: w.update({"model.extra.weight": torch.ones(2)}), "model.extra.weight is not a tensor of the model"),
+    (lambda w: w.update({"model.layers.1.input_layernorm.weight": torch.ones(32)}), "num_hidden_layers=1"),
+])
+def test_wrong_dtypes_and_unknown_tensors_are_refused(single_file, tmp_path, nothing_written, edit, message):
+    edit_weights(single_file, edit)
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+def test_saved_rotary_frequencies_are_skipped(single_file, tmp_path):
+    edit_weights(single_file, lambda w: w.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert not any("inv_freq" in name for name in tensors(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Leftovers: dead runs' temporary folders are cleaned, live ones and foreign files are not; no empty parents
+
+
+def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path):
+    dead = [dead_pid() for _ in range(3)]
+    leftovers = {
+        f".out.converting-{dead[0]}": ["part-00001.safetensors", "config.json"],
+        f".out.removing-{dead[1]}": ["model.safetensors"],
+        ".out.converting-1": ["part-00001.safetensors"],  # pid 1 is alive: its run may still be writing
+        f".out.converting-{dead[2]}": ["notes.txt"],  # a file we never write: not ours to delete
+    }
+    for name, files in leftovers.items():
+        (tmp_path / name).mkdir()
+        for file in files:
+            (tmp_path / name / file).write_text("partial")
+    convert_checkpoint(grin, tmp_path / "out", to="grinmoe")
+    assert hidden_entries(tmp_path) == sorted([".out.converting-1", f".out.converting-{dead[2]}"])
+
+
+def test_a_failed_run_removes_the_parents_it_created_and_only_those(grin, tmp_path, monkeypatch):
+    (tmp_path / "existing").mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conversion, "save_file", disk_full)
+    with pytest.raises(ConversionError, match="cannot write .*No space left on device"):
+        convert_checkpoint(grin, tmp_path / "existing" / "a" / "b" / "out", to="grinmoe")
+    assert os.listdir(tmp_path) == ["existing"] and os.listdir(tmp_path / "existing") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Nothing outside the source is read
+
+
+@pytest.mark.parametrize("entry", ["tokenizer.model", "config.json", "model.safetensors"])
+def test_links_that_leave_the_source_are_refused(single_file, tmp_path, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / entry
+    if entry == "tokenizer.model":
+        target.write_text("a secret")
+    else:
+        (single_file / entry).rename(target)
+    (single_file / entry).symlink_to(target)
+    with pytest.raises(ConversionError, match=f"{entry} in .* leads outside it"):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_index_entries_outside_the_source_are_refused(single_file, tmp_path, entry):
+    (single_file / "model.safetensors").rename(tmp_path / "outside.safetensors")
+    entry = str(tmp_path / "outside.safetensors") if entry == "ABSOLUTE" else entry
+    weights = load_file(tmp_path / "outside.safetensors")
+    (single_file / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(weights, entry)}))
+    with pytest.raises(ConversionError, match="model.safetensors.index.json entry .* is not a file name inside"):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+def test_links_inside_the_source_and_a_hub_cache_snapshot_are_read(single_file, tmp_path):
+    repository = tmp_path / "models--org--tiny"
+    snapshot = repository / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (repository / "blobs").mkdir()
+    for file in single_file.iterdir():  # the Hub cache layout: snapshot files link to ../../blobs/HASH
+        file.rename(repository / "blobs" / f"hash-{file.name}")
+        (snapshot / file.name).symlink_to(f"../../blobs/hash-{file.name}")
+    (snapshot / "tokenizer.model").symlink_to("config.json")
+    convert_checkpoint(snapshot, tmp_path / "out", to="grinmoe")
+    assert (tmp_path / "out" / "tokenizer.model").is_file() and not (tmp_path / "out" / "tokenizer.model").is_symlink()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. User errors are one line naming the field, file or flag; --debug shows the traceback
+
+
+@pytest.mark.parametrize("field", ["num_local_experts", "intermediate_size", "num_hidden_layers", "vocab_size"])
+def test_a_missing_size_field_names_it(single_file, tmp_path, capsys, field):
+    config = json.loads((single_file / "config.json").read_text())
+    del config[field]
+    (single_file / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(single_file), str(tmp_path / "out"), "--to", "grinmoe"]) == 2
+    assert f"config.json has no {field}" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("text, message", [("[1, 2]", "must hold a JSON object, got a list"),
+                                           ("{", "is not valid JSON")])
+def test_a_config_that_is_not_an_object(single_file, tmp_path, capsys, text, message):
+    (single_file / "config.json").write_text(text)
+    assert main(["convert", str(single_file), str(tmp_path / "out"), "--to", "grinmoe"]) == 2
+    assert message in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("file", "exists and is not a folder"), ("link to a folder", "is a symbolic link"),
+    ("dangling link", "is a symbolic link"), ("parent is a file", "cannot write"),
+])
+def test_destinations_that_are_not_folders(grin, tmp_path, capsys, kind, message):
+    destination = tmp_path / "out"
+    if kind == "file":
+        destination.write_text("keep me")
+    elif kind == "link to a folder":
+        (tmp_path / "real").mkdir()
+        destination.symlink_to(tmp_path / "real")
+    elif kind == "dangling link":
+        destination.symlink_to(tmp_path / "nowhere")
+    else:
+        (tmp_path / "file").write_text("keep me")
+        destination = tmp_path / "file" / "out"
+    before = sorted(os.listdir(tmp_path))
+    assert main(["convert", str(grin), str(destination), "--to", "grinmoe", "--force"]) == 2
+    assert message in one_line_error(capsys)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_a_full_disk_is_one_line_and_debug_shows_the_traceback(grin, tmp_path, capsys, monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conversion, "save_file", disk_full)
+    argv = ["convert", str(grin), str(tmp_path / "out"), "--to", "grinmoe"]
+    assert main(argv) == 2
+    assert "No space left on device" in one_line_error(capsys)
+    with pytest.raises(ConversionError, match="No space left on device"):
+        main(["--debug", *argv])
+    assert os.listdir(tmp_path) == []
