@@ -1,6 +1,10 @@
 # Copyright 2026 The modeling-grin authors. Licensed under the MIT License.
 """Configuration of GRIN-MoE (and of Phi-3.5-MoE, which shares its architecture)."""
 
+import dataclasses
+import functools
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
@@ -9,6 +13,9 @@ from transformers.modeling_rope_utils import RopeParameters
 ROUTER_TYPES = ("sparsemixer_v2", "softmax_topk")
 LOAD_BALANCING = ("local", "global")
 NORM_TYPES = ("layernorm", "rmsnorm")
+# The rotary embedding (transformers' Phimoe one) reads longrope's attention scales for every non-default type, so
+# these two are the types it can run.
+ROPE_TYPES = ("default", "longrope")
 
 # The released microsoft/GRIN-MoE config.json points AutoConfig/AutoModelForCausalLM at Hub remote-code files with
 # these module names. Our registered classes replace them, so the entries are dropped instead of saved back.
@@ -55,16 +62,35 @@ def validate_moe_fields(config) -> None:
     _require(config.sliding_window is None or config.sliding_window >= 1, "sliding_window",
              "None or a positive integer", config.sliding_window)
     _require(config.hidden_act in ACT2FN, "hidden_act", "an activation name known to transformers", config.hidden_act)
+    _require(_is_finite_number(config.initializer_range) and config.initializer_range >= 0, "initializer_range",
+             "a finite number >= 0 (the standard deviation of the initial weights)", config.initializer_range)
+    # nn.Embedding takes the pad id as its padding_idx and accepts -vocab_size..vocab_size-1 (negative ids count from
+    # the end, as some released configs' pad_token_id=-1 does).
+    vocab, pad = config.vocab_size, config.pad_token_id
+    _require(pad is None or -vocab <= pad < vocab, "pad_token_id", f"None or a token id below vocab_size ({vocab})",
+             pad)
 
 
-def validate_longrope(config) -> None:
-    """Phi-3.5-MoE's longrope carries its own attention scales, which the rotary embedding reads."""
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_rope(config) -> None:
+    """The RoPE type and base the rotary embedding can use; Phi-3.5-MoE's longrope also carries its attention scales.
+
+    Checks the keys present: an assignment may hold a legacy dict that transformers standardizes right after.
+    """
     rope = config.rope_parameters or {}
-    if rope.get("rope_type", "default") != "longrope":
-        return
-    for key in ("short_mscale", "long_mscale"):
-        _require(isinstance(rope.get(key), (int, float)), f"rope_parameters['{key}']", "a number for longrope",
-                 rope.get(key))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    _require(rope_type in ROPE_TYPES, "rope_parameters['rope_type']", f"one of {ROPE_TYPES}", rope_type)
+    if "rope_theta" in rope:
+        # A base <= 0 or NaN gives NaN rotations, which only surface later as NaN router logits.
+        _require(_is_finite_number(rope["rope_theta"]) and rope["rope_theta"] > 0, "rope_theta",
+                 "a finite positive number", rope["rope_theta"])
+    if rope_type == "longrope":
+        for key in ("short_mscale", "long_mscale"):
+            _require(_is_finite_number(rope.get(key)), f"rope_parameters['{key}']", "a number for longrope",
+                     rope.get(key))
 
 
 def drop_released_auto_map(kwargs: dict) -> None:
@@ -171,6 +197,10 @@ class GrinMoeConfig(PreTrainedConfig):
     norm_type: str = "layernorm"
 
     def __post_init__(self, **kwargs):
+        # An alias (`num_experts`) would otherwise be set by transformers after the checks below, unchecked.
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                setattr(self, name, kwargs.pop(alias))
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         drop_released_auto_map(kwargs)
@@ -179,8 +209,65 @@ class GrinMoeConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         # Phi-3.5-MoE's longrope scales are read by our rotary embedding, not by transformers' generic validation.
         self.ignore_keys_at_rope_validation = {"short_mscale", "long_mscale"}
-        super().__post_init__(**kwargs)
-        validate_longrope(self)
+        super().__post_init__(**kwargs)  # standardizes rope_parameters, then marks the config `_post_init_done`
+        validate_rope(self)
+
+    # ----- validation after construction ------------------------------------------------------------------------
+    # `@strict` checks types on every assignment, and range rules only through per-field validators that see one
+    # value; ours relate fields (top-k <= experts, kv heads divide heads, pad id < vocab), so an assignment re-runs
+    # the config's whole validation and is rolled back when it fails. `validate_moe_config` is also a `@strict`
+    # class validator, so `config.validate()` and `save_pretrained` run it too.
+
+    def validate_moe_config(self) -> None:
+        """Raise `ValueError` naming the first field out of its range (subclasses add their own rules)."""
+        validate_moe_fields(self)
+        validate_rope(self)
+
+    def __setattr__(self, name, value):
+        name = self.attribute_map.get(name, name)
+        # Before `_post_init_done` the config is half-built (__post_init__ derives fields and validates them itself).
+        if not self.__dict__.get("_post_init_done") or self.__dict__.get("_validation_deferred") \
+                or name not in _own_fields(type(self)):
+            super().__setattr__(name, value)
+            return
+        previous = self.__dict__.get(name, _UNSET)
+        super().__setattr__(name, value)
+        try:
+            self.validate_moe_config()
+        except ValueError:
+            self._restore(name, previous)
+            raise
+
+    def _restore(self, name: str, previous) -> None:
+        if previous is _UNSET:
+            self.__dict__.pop(name, None)
+        else:
+            self.__dict__[name] = previous  # the value passed every check before: no need to check it again
+
+    def update(self, config_dict: dict) -> None:
+        """Set several fields and validate them together: one at a time, a valid change of related fields (fewer
+        experts and a smaller top-k) could fail halfway. On any error (a type, a range) the config is left as it was."""
+        snapshot = dict(self.__dict__)
+        self.__dict__["_validation_deferred"] = True
+        try:
+            super().update(config_dict)
+            del self.__dict__["_validation_deferred"]
+            self.validate_moe_config()
+        except Exception:
+            self.__dict__.clear()
+            self.__dict__.update(snapshot)  # without `_validation_deferred`: assignments are checked again
+            raise
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers applies `from_pretrained(path, field=value)` overrides with setattr after construction, one at
+        # a time. Handing them to the constructor instead validates them together with the rest, in any order.
+        overrides = {}
+        for key in list(kwargs):
+            name = cls.attribute_map.get(key, key)
+            if name in _own_fields(cls):
+                overrides[name] = kwargs.pop(key)
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -190,5 +277,14 @@ class GrinMoeConfig(PreTrainedConfig):
             output["experts_implementation"] = self._experts_implementation
         return output
 
+
+_UNSET = object()
+_GENERIC_FIELDS = frozenset(field.name for field in dataclasses.fields(PreTrainedConfig))
+
+
+@functools.cache
+def _own_fields(config_class: type) -> frozenset[str]:
+    """The fields this package declares (not transformers' generic ones such as `dtype` or `architectures`)."""
+    return frozenset(field.name for field in dataclasses.fields(config_class)) - _GENERIC_FIELDS
 
 __all__ = ["GrinMoeConfig"]

@@ -8,6 +8,26 @@ from huggingface_hub.dataclasses import strict
 from .configuration_grin_moe import GrinMoeConfig
 
 
+def validate_mh_moe_fields(config) -> None:
+    """The fields MH-MoE adds to GRIN-MoE's (which `validate_moe_fields` checks)."""
+    moe_heads, hidden_size = config.moe_heads, config.hidden_size
+    if not (isinstance(moe_heads, int) and moe_heads >= 1 and hidden_size % moe_heads == 0):
+        raise ValueError(
+            f"`moe_heads` must be a positive divisor of hidden_size ({hidden_size}): each token is split into "
+            f"moe_heads sub-tokens of equal size, got {moe_heads!r}"
+        )
+    if config.moe_layer_frequency < 0:
+        raise ValueError(f"`moe_layer_frequency` must be >= 0 (0: no MoE layer), got {config.moe_layer_frequency!r}")
+    if config.dense_intermediate_size < 1:
+        raise ValueError(
+            f"`dense_intermediate_size` must be a positive integer, got {config.dense_intermediate_size!r}"
+        )
+    if config.shared_expert_intermediate_size < 0:
+        raise ValueError(
+            f"`shared_expert_intermediate_size` must be >= 0 (0: none), got {config.shared_expert_intermediate_size!r}"
+        )
+
+
 @strict
 class MhMoeConfig(GrinMoeConfig):
     r"""
@@ -79,23 +99,12 @@ class MhMoeConfig(GrinMoeConfig):
     mlp_bias: bool = False
 
     def __post_init__(self, **kwargs):
-        if not (isinstance(self.moe_heads, int) and self.moe_heads >= 1 and self.hidden_size % self.moe_heads == 0):
-            raise ValueError(
-                f"`moe_heads` must be a positive divisor of hidden_size ({self.hidden_size}): each token is split into "
-                f"moe_heads sub-tokens of equal size, got {self.moe_heads!r}"
-            )
-        if self.moe_layer_frequency < 0:
-            raise ValueError(f"`moe_layer_frequency` must be >= 0 (0: no MoE layer), got {self.moe_layer_frequency!r}")
-        if self.dense_intermediate_size < 1:
-            raise ValueError(
-                f"`dense_intermediate_size` must be a positive integer, got {self.dense_intermediate_size!r}"
-            )
-        if self.shared_expert_intermediate_size < 0:
-            raise ValueError(
-                "`shared_expert_intermediate_size` must be >= 0 (0: none), "
-                f"got {self.shared_expert_intermediate_size!r}"
-            )
+        validate_mh_moe_fields(self)
         super().__post_init__(**kwargs)
+
+    def validate_moe_config(self) -> None:
+        super().validate_moe_config()
+        validate_mh_moe_fields(self)
 
     @property
     def sub_token_size(self) -> int:

@@ -4,7 +4,9 @@ Every Python installation ships these files, so the demo and the tests need no d
 """
 
 import json
+import re
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -18,6 +20,15 @@ CORPUS_MODULES = (
     "argparse.py", "json/decoder.py", "json/encoder.py", "collections/__init__.py", "pathlib.py", "inspect.py",
 )
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+# The BPE trainer's time grows with the square of a word's length: one 2 MB line without whitespace (a DNA sequence,
+# minified data) trained for minutes. For training only, runs of non-space (or of space) characters longer than this
+# are cut into pieces of this length; encoding still sees the whole text. Real words are far shorter, so ordinary
+# text trains exactly as it would uncut.
+LONGEST_TRAINING_RUN = 1000
+_LONG_RUN = re.compile(rf"\S{{{LONGEST_TRAINING_RUN + 1},}}|\s{{{LONGEST_TRAINING_RUN + 1},}}")
+# From this many characters of text on, training the tokenizer takes seconds: show the trainer's progress bars.
+PROGRESS_FROM_CHARACTERS = 4_000_000
 
 
 def embedded_corpus() -> list[str]:
@@ -47,9 +58,9 @@ def load_texts(paths: list[str | Path], text_field: str = "text") -> list[str]:
     texts = []
     for file in files:
         if file.suffix != ".jsonl":
-            texts.append(file.read_text(encoding="utf-8"))
+            texts.append(_read_utf8(file))
             continue
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        for number, line in enumerate(_read_utf8(file).splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -65,8 +76,35 @@ def load_texts(paths: list[str | Path], text_field: str = "text") -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text encodes, nothing is unknown) with pad=0, bos=1, eos=2, unk=3."""
+def _training_pieces(text: str) -> Iterator[str]:
+    """`text` in consecutive pieces, cut only inside runs longer than `LONGEST_TRAINING_RUN` (see there)."""
+    start = 0
+    for run in _LONG_RUN.finditer(text):
+        for cut in range(run.start() + LONGEST_TRAINING_RUN, run.end(), LONGEST_TRAINING_RUN):
+            yield text[start:cut]
+            start = cut
+    yield text[start:]
+
+
+def _read_utf8(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        line = file.read_bytes()[: error.start].count(b"\n") + 1
+        raise ValueError(f"{file}:{line} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                         f"{error.start}); convert the file to UTF-8") from None
+
+
+def train_tokenizer(
+    texts: list[str], vocab_size: int = 2048, show_progress: bool | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (any text encodes, nothing is unknown) with pad=0, bos=1, eos=2, unk=3.
+
+    Its training time grows linearly with the text, whatever its line lengths. `show_progress`: the trainer's
+    progress bars on stderr; by default for texts of `PROGRESS_FROM_CHARACTERS` or more.
+    """
+    if show_progress is None:
+        show_progress = sum(map(len, texts)) >= PROGRESS_FROM_CHARACTERS
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -74,9 +112,9 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
         vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator((piece for text in texts for piece in _training_pieces(text)), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 

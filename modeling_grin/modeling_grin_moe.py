@@ -21,7 +21,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb, eager_attention_forward
 from transformers.models.phimoe.modeling_phimoe import PhimoeRotaryEmbedding
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -30,6 +30,8 @@ from .configuration_grin_moe import GrinMoeConfig
 from .experts import SwiGLUExperts
 from .losses import load_balancing_loss, router_z_loss
 from .sparsemixer import GrinMoeRouter
+
+logger = logging.get_logger(__name__)
 
 # The released checkpoint stores `block_sparse_moe.gate` and one module per expert (`experts.N.w1/w2/w3`). These
 # converters fuse them into our 3-D experts at load time, and `save_pretrained` applies them in reverse, so the Hub
@@ -108,8 +110,22 @@ class GrinMoeAttention(nn.Module):
             sliding_window=self.config.sliding_window,  # mask-free kernels (flash attention) take it as an argument
             **kwargs,
         )
+        _check_attention_output(attn_output, (query_states, key_states, value_states), self.config, self.layer_idx)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
+
+
+def _check_attention_output(output: torch.Tensor, inputs: tuple[torch.Tensor, ...], config, layer_idx: int) -> None:
+    """Name the attention implementation when it turns finite inputs into NaN/inf (flex_attention on CPU can, for
+    short inputs): otherwise the first MoE router reports the NaN as diverged training. CPU only, where the check
+    costs no synchronisation; inputs are inspected only once the output is bad."""
+    if output.device.type != "cpu" or torch.compiler.is_compiling() or torch.isfinite(output).all():
+        return
+    if all(torch.isfinite(tensor).all() for tensor in inputs):
+        raise ValueError(
+            f"attention implementation {config._attn_implementation!r} returned NaN or inf in layer {layer_idx} for "
+            "finite queries, keys and values; use another one, e.g. attn_implementation='sdpa' or 'eager'"
+        )
 
 
 @use_experts_implementation
@@ -275,12 +291,17 @@ class GrinMoeModel(GrinMoePreTrainedModel):
     ) -> MoeModelOutputWithPast:
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        new_tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if new_tokens == 0:  # RoPE and the masks would fail on it with an unrelated RuntimeError
+            shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape)
+            raise ValueError(f"the input holds no tokens (shape {shape}): a forward needs at least one position")
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        _warn_beyond_trained_positions(self.config, new_tokens, past_seen_tokens)
         if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -306,6 +327,18 @@ class GrinMoeModel(GrinMoePreTrainedModel):
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
+
+
+def _warn_beyond_trained_positions(config, new_tokens: int, past_tokens) -> None:
+    """Warn once, as transformers' models do, when a sequence outgrows `max_position_embeddings`."""
+    # A static cache may count its length in a tensor: reading it would synchronise with the GPU, so it is skipped.
+    if not isinstance(past_tokens, int) or torch.compiler.is_compiling():
+        return
+    if new_tokens + past_tokens > config.max_position_embeddings:
+        logger.warning_once(
+            f"This sequence is longer than max_position_embeddings ({config.max_position_embeddings}): the model was "
+            "not trained on those positions and its outputs past them may be meaningless"
+        )
 
 
 class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):

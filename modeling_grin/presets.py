@@ -29,6 +29,11 @@ def preset_path(name: str) -> Path:
 def load_preset(name: str, **overrides) -> PretrainedConfig:
     """The config of preset `name` (e.g. `"grin-moe"`, `"mh-moe-paper-h2"`), with fields replaced by `overrides`.
 
-    The model types resolve because importing this module imports the package, which registers them.
+    The overrides are validated with the rest of the config (`ValueError` naming the field); a name that is no field
+    of the config raises too, instead of being dropped. The model types resolve because importing this module
+    imports the package, which registers them.
     """
-    return AutoConfig.from_pretrained(preset_path(name), **overrides)
+    config, unused = AutoConfig.from_pretrained(preset_path(name), return_unused_kwargs=True, **overrides)
+    if unused:
+        raise ValueError(f"preset {name!r}: {', '.join(map(repr, unused))} is not a field of {type(config).__name__}")
+    return config

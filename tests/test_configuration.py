@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 from conftest import RELEASED_GRIN_CONFIG, tiny_config
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig
 
 from modeling_grin import GrinMoeConfig, GrinMoeForCausalLM
@@ -89,6 +90,19 @@ def test_phi35_longrope_config_reads():
         ({"num_hidden_layers": 0}, "num_hidden_layers"),
         ({"vocab_size": 0}, "vocab_size"),
         ({"head_dim": 7}, "head_dim"),
+        ({"num_experts": 0}, "num_local_experts"),  # the alias transformers maps onto num_local_experts
+        ({"norm_type": "RMSNorm"}, "norm_type"),
+        ({"rope_parameters": {"rope_type": "bogus", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\]"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}},
+         r"rope_parameters\['rope_type'\]"),  # the rotary embedding would stop with a KeyError
+        ({"rope_theta": 0.0}, "rope_theta"),
+        ({"rope_theta": -1e4}, "rope_theta"),
+        ({"rope_theta": float("nan")}, "rope_theta"),
+        ({"initializer_range": -0.02}, "initializer_range"),
+        ({"initializer_range": float("nan")}, "initializer_range"),
+        ({"initializer_range": float("inf")}, "initializer_range"),
+        ({"pad_token_id": 96}, "pad_token_id"),  # vocab_size 96: nn.Embedding would stop with an AssertionError
+        ({"pad_token_id": -97}, "pad_token_id"),
     ],
 )
 def test_invalid_fields_raise_value_error_naming_the_field(overrides, field):
@@ -105,7 +119,9 @@ def test_odd_head_dim_cannot_run_so_it_is_rejected():
     with pytest.raises(ValueError, match=r"`hidden_size` must be at least 2 \* num_attention_heads \(8\) with .* even"):
         tiny_config(hidden_size=37)
     config = tiny_config(hidden_size=32, head_dim=8)
-    config.head_dim = 9
+    with pytest.raises(ValueError, match="`head_dim`"):
+        config.head_dim = 9
+    config.__dict__["head_dim"] = 9  # past the check
     with pytest.raises(RuntimeError):
         GrinMoeForCausalLM(config).eval()(torch.randint(0, 96, (1, 4)))
 
@@ -137,3 +153,125 @@ def test_presets_resolve_and_build_configs():
     assert load_preset("grin-moe-tiny", num_hidden_layers=1).num_hidden_layers == 1
     with pytest.raises(ValueError, match="available presets"):
         preset_path("no-such-preset")
+
+
+def test_a_released_style_negative_pad_id_is_kept():
+    assert tiny_config(pad_token_id=-1).pad_token_id == -1  # nn.Embedding counts it from the end
+
+
+def _save_tiny_config(folder):
+    tiny_config().save_pretrained(folder)
+    return folder
+
+
+# Every way a field reaches a config after the file is read: transformers applies `from_pretrained` keyword
+# overrides with setattr after construction, and `load_preset` passes its overrides the same way.
+OVERRIDE_PATHS = {
+    "load_preset": lambda folder, **overrides: load_preset("grin-moe-tiny", **overrides),
+    "AutoConfig.from_pretrained": lambda folder, **overrides: AutoConfig.from_pretrained(folder, **overrides),
+    "GrinMoeConfig.from_pretrained": lambda folder, **overrides: GrinMoeConfig.from_pretrained(folder, **overrides),
+    "from_dict": lambda folder, **overrides: GrinMoeConfig.from_dict(tiny_config().to_dict(), **overrides),
+}
+
+
+@pytest.mark.parametrize("path", OVERRIDE_PATHS)
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"router_type": "sparsemixer-v2"}, "router_type"),  # the hyphen: it routed with softmax top-k, silently
+        ({"num_experts_per_tok": 99}, "num_experts_per_tok"),
+        ({"num_local_experts": 0}, "num_local_experts"),
+        ({"num_experts": 0}, "num_local_experts"),
+        ({"norm_type": "RMSNorm"}, "norm_type"),  # it built a LayerNorm
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta"),
+    ],
+)
+def test_overrides_are_validated_on_every_loading_path(tmp_path, path, overrides, field):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        OVERRIDE_PATHS[path](_save_tiny_config(tmp_path), **overrides)
+
+
+def test_model_from_pretrained_validates_its_config_overrides(tmp_path):
+    GrinMoeForCausalLM(tiny_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`router_type`"):
+        GrinMoeForCausalLM.from_pretrained(tmp_path, router_type="sparsemixer-v2")
+    model = GrinMoeForCausalLM.from_pretrained(tmp_path, router_type="softmax_topk", output_router_logits=True)
+    assert model.config.router_type == "softmax_topk" and model.config.output_router_logits
+
+
+@pytest.mark.parametrize("path", OVERRIDE_PATHS)
+def test_related_overrides_are_validated_together_in_any_order(tmp_path, path):
+    """4 experts top-2 -> 1 expert top-1: one field at a time, num_local_experts=1 first would be out of range."""
+    config = OVERRIDE_PATHS[path](_save_tiny_config(tmp_path), num_local_experts=1, num_experts_per_tok=1)
+    assert (config.num_local_experts, config.num_experts_per_tok) == (1, 1)
+
+
+def test_assignment_is_validated_and_a_rejected_value_is_rolled_back():
+    config = tiny_config()
+    for field, value in (("num_experts_per_tok", 99), ("router_type", "sparsemixer-v2"), ("num_experts", 0),
+                         ("pad_token_id", 96), ("rope_parameters", {"rope_type": "bogus", "rope_theta": 1e4})):
+        before = config.to_dict()
+        with pytest.raises(ValueError, match="must be"):
+            setattr(config, field, value)
+        assert config.to_dict() == before, field  # loses nothing: the config still holds its valid value
+    config.num_experts_per_tok = 1
+    assert config.num_experts_per_tok == 1
+
+
+def test_transformers_own_attributes_stay_settable():
+    config = tiny_config()
+    config._attn_implementation = "eager"
+    config._experts_implementation = "fused"
+    config.dtype = torch.bfloat16
+    config.architectures = ["GrinMoeForCausalLM"]
+    config.use_cache = False
+    assert config._experts_implementation == "fused" and config.dtype == torch.bfloat16
+
+
+def test_update_sets_related_fields_together_or_not_at_all():
+    config = tiny_config()
+    config.update({"num_local_experts": 1, "num_experts_per_tok": 1})
+    assert (config.num_local_experts, config.num_experts_per_tok) == (1, 1)
+    before = config.to_dict()
+    with pytest.raises(ValueError, match="`router_type`"):
+        config.update({"num_local_experts": 8, "router_type": "expert_choice"})
+    assert config.to_dict() == before
+    with pytest.raises(StrictDataclassFieldValidationError):  # a type error half-way: the first field is undone too
+        config.update({"num_local_experts": 8, "num_experts_per_tok": "2"})
+    assert config.to_dict() == before
+    with pytest.raises(ValueError, match="`num_experts_per_tok`"):  # and assignments are checked again afterwards
+        config.num_experts_per_tok = 99
+
+
+def test_save_refuses_a_config_made_invalid_behind_validations_back(tmp_path):
+    config = tiny_config()
+    config.__dict__["num_experts_per_tok"] = 99
+    with pytest.raises(Exception, match="num_experts_per_tok"):  # @strict's class validation, run by save_pretrained
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_mh_moe_fields_are_validated_on_assignment_and_override(tmp_path):
+    config = load_preset("mh-moe-tiny")
+    with pytest.raises(ValueError, match="`moe_heads`"):
+        config.moe_heads = 5
+    with pytest.raises(ValueError, match="`moe_heads`"):
+        load_preset("mh-moe-tiny", moe_heads=5)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="`dense_intermediate_size`"):
+        AutoConfig.from_pretrained(tmp_path, dense_intermediate_size=0)
+
+
+def test_copies_of_a_config_keep_validating():
+    import copy
+    import pickle
+
+    for copied in (copy.deepcopy(tiny_config()), pickle.loads(pickle.dumps(tiny_config()))):
+        with pytest.raises(ValueError, match="`num_experts_per_tok`"):
+            copied.num_experts_per_tok = 99
+
+
+def test_load_preset_refuses_an_override_that_is_no_field():
+    """A misspelt override was dropped without a word, leaving the preset's value."""
+    with pytest.raises(ValueError, match="'num_expert_per_tok' is not a field of GrinMoeConfig"):
+        load_preset("grin-moe-tiny", num_expert_per_tok=1)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,11 +33,20 @@ from ..data import embedded_corpus, load_texts, token_blocks, train_tokenizer
 from ..hub import write_model_card
 from ..modeling_grin_moe import mark_moe_blocks_as_zero3_leaves
 from ..presets import load_preset
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    OPTIMIZER_STATE,
+    OPTIMIZER_TENSORS,
+    STATE_FILE,
+    check_resume_point,
+    complete_checkpoints,
+    find_resume_point,
+    replace_folder,
+    require_writable_folder,
+    run_fingerprint,
+    state_record,
+)
 from .evaluation import evaluate_loss, expert_load, save_expert_load_heatmap, save_loss_curve
-
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_FILE = "training_state.json"
-OPTIMIZER_TENSORS = "optimizer.safetensors"
 
 
 @dataclass
@@ -88,8 +98,8 @@ def global_batch_indices(seed: int, step: int, num_rows: int, global_batch: int)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (path / STATE_FILE).is_file()]
-    return max(checkpoints, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    """The `checkpoint-N/` folder with the largest N holding a training state (not checked for damage)."""
+    return next(iter(complete_checkpoints(Path(output_dir))), None)
 
 
 def _flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,12 +135,12 @@ def _save_folder(accelerator: Accelerator, model, tokenizer, folder: Path) -> No
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.save_pretrained(temporary, state_dict=state_dict)
         tokenizer.save_pretrained(temporary)
-        shutil.rmtree(folder, ignore_errors=True)
-        temporary.rename(folder)
+        replace_folder(temporary, folder)  # keeps files in `folder` that train did not write
     accelerator.wait_for_everyone()
 
 
-def _save_checkpoint(accelerator, model, optimizer, tokenizer, folder: Path, step: int, losses: list[float]) -> None:
+def _save_checkpoint(accelerator, model, optimizer, tokenizer, folder: Path, step: int, losses: list[float],
+                     fingerprint: dict) -> None:
     optimizer_state = get_optimizer_state_dict(
         model, optimizer.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -138,9 +148,27 @@ def _save_checkpoint(accelerator, model, optimizer, tokenizer, folder: Path, ste
     if accelerator.is_main_process:
         tensors, rest = _flatten_optimizer_state(optimizer_state)
         save_file(tensors, folder / OPTIMIZER_TENSORS)
-        (folder / "optimizer.json").write_text(json.dumps(rest))
-        (folder / STATE_FILE).write_text(json.dumps({"step": step, "losses": losses}))  # last: marks it complete
+        (folder / OPTIMIZER_STATE).write_text(json.dumps(rest))
+        # Last: marks the folder complete, with the sizes of the files above (a truncated one is caught on resume).
+        (folder / STATE_FILE).write_text(json.dumps(state_record(folder, step, losses, fingerprint)))
     accelerator.wait_for_everyone()
+
+
+def _load_config(path: str | Path, what: str):
+    """A config file or folder; a type or range error in it becomes one `ValueError` line naming the file."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, StrictDataclassError) as error:
+        raise ValueError(f"{what} {path}: {' '.join(str(error).split())}") from None
+
+
+def _source_config(model, config, preset):
+    """The config the run starts from: the fine-tuned model's, else `config`, else the preset's."""
+    if model is not None:
+        return _load_config(model, "model")
+    if config is not None:
+        return _load_config(config, "config")
+    return load_preset(preset)
 
 
 def _validate(steps, batch_size, gradient_accumulation_steps, block_size, learning_rate, save_steps, eval_fraction):
@@ -193,7 +221,9 @@ def train(
     (`checkpoint-STEP/`: a loadable model folder plus optimizer state in safetensors) is written; `resume=True`
     continues from the latest one. The final model goes to `save_dir` (default `output_dir/model`), replacing it.
     `on_before_optimizer_step(step, model)` sees synchronized gradients.
-    Bad input (missing or empty data, block_size above the model's positions) raises before any training starts.
+    Bad input raises before any training starts: missing or empty data, block_size above the model's positions,
+    output folders that cannot be written, and on resume a checkpoint of another run (its fingerprint: model config,
+    tokenizer, data) or one that already reached `steps`. A damaged newest checkpoint is skipped with a warning.
     """
     _validate(steps, batch_size, gradient_accumulation_steps, block_size, learning_rate, save_steps, eval_fraction)
     started = time.perf_counter()
@@ -201,6 +231,8 @@ def train(
     save_dir = Path(save_dir) if save_dir is not None else output_dir / "model"
     if save_steps and save_dir.resolve() == output_dir.resolve():
         raise ValueError("`save_dir` must differ from `output_dir` when checkpoints are written into it")
+    require_writable_folder(output_dir, "--output-dir")
+    require_writable_folder(save_dir, "the model folder")
     # Without an accelerator Accelerate would run each launched process alone; cpu=True makes it join them over gloo.
     accelerator = Accelerator(
         gradient_accumulation_steps=gradient_accumulation_steps,
@@ -208,40 +240,43 @@ def train(
         cpu=not torch.accelerator.is_available(),
     )
     _enable_fsdp_on_cpu(accelerator)
-    checkpoint = latest_checkpoint(output_dir) if resume else None
-    if resume and checkpoint is None:
-        raise ValueError(f"resume requested but {output_dir} holds no complete {CHECKPOINT_PREFIX}N folder")
+    warn = accelerator.is_main_process
+    resume_point = find_resume_point(output_dir, warn=warn) if resume else None
+    checkpoint = resume_point.folder if resume_point is not None else None
     if checkpoint is not None and _uses_deepspeed(accelerator):
         raise ValueError("resuming is supported for single-process, DDP and FSDP2 runs, not under DeepSpeed")
 
     for name, path in (("model", model), ("config", config), ("tokenizer", tokenizer)):
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{name} path {path} does not exist")
-    if checkpoint is not None or model is not None:
-        model_config = AutoConfig.from_pretrained(checkpoint or model)
-    elif config is not None:
-        model_config = AutoConfig.from_pretrained(config)
-    else:
-        model_config = load_preset(preset)
-    if model_config.model_type not in ("grinmoe", "mh_moe"):
-        raise ValueError(f"model_type {model_config.model_type!r} is not one of this package's (grinmoe, mh_moe)")
-    if block_size > model_config.max_position_embeddings:
+    source_config = _source_config(model, config, preset)
+    if source_config.model_type not in ("grinmoe", "mh_moe"):
+        raise ValueError(f"model_type {source_config.model_type!r} is not one of this package's (grinmoe, mh_moe)")
+    if block_size > source_config.max_position_embeddings:
         raise ValueError(
             f"`block_size` ({block_size}) exceeds the model's max_position_embeddings "
-            f"({model_config.max_position_embeddings})"
+            f"({source_config.max_position_embeddings})"
         )
     texts = load_texts(data, text_field) if data else embedded_corpus()
     model_has_tokenizer = model is not None and (Path(model) / "tokenizer.json").is_file()
-    tokenizer_source = checkpoint or tokenizer or (model if model_has_tokenizer else None)
+    given_tokenizer = tokenizer or (model if model_has_tokenizer else None)
+    fingerprint = run_fingerprint(source_config, given_tokenizer, vocab_size, texts)
+    if resume_point is not None:
+        check_resume_point(resume_point, fingerprint, steps, warn=warn)
+        model_config = _load_config(checkpoint, "checkpoint")
+    else:
+        model_config = source_config
+    tokenizer_source = checkpoint or given_tokenizer
     if tokenizer_source is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    else:
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)  # deterministic: every rank trains the same one
+    else:  # deterministic: every rank trains the same one; the local main process shows progress on long text
+        tokenizer = train_tokenizer(texts, vocab_size=vocab_size,
+                                    show_progress=None if accelerator.is_local_main_process else False)
 
-    if checkpoint is None and model is None:  # a fresh model is sized for the tokenizer
-        model_config.vocab_size = len(tokenizer)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            setattr(model_config, name, getattr(tokenizer, name))
+    if checkpoint is None and model is None:  # a fresh model is sized for the tokenizer, all fields at once
+        model_config.update({"vocab_size": len(tokenizer), **{
+            name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+        }})
     if len(tokenizer) > model_config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model_config.vocab_size}")
@@ -272,11 +307,10 @@ def train(
     network, optimizer = accelerator.prepare(network, optimizer)
 
     start_step, losses = 0, []
-    if checkpoint is not None:
-        saved = json.loads((checkpoint / STATE_FILE).read_text())
-        start_step, losses = saved["step"], saved["losses"]
+    if resume_point is not None:
+        start_step, losses = resume_point.step, list(resume_point.losses)
         optimizer_state = _unflatten_optimizer_state(
-            load_file(checkpoint / OPTIMIZER_TENSORS), json.loads((checkpoint / "optimizer.json").read_text())
+            load_file(checkpoint / OPTIMIZER_TENSORS), json.loads((checkpoint / OPTIMIZER_STATE).read_text())
         )
         set_optimizer_state_dict(
             network, optimizer.optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
@@ -313,7 +347,7 @@ def train(
         progress.set_postfix(loss=f"{step_loss:.3f}")
         if save_steps and (step + 1) % save_steps == 0 and step + 1 < steps:
             folder = output_dir / f"{CHECKPOINT_PREFIX}{step + 1}"
-            _save_checkpoint(accelerator, network, optimizer, tokenizer, folder, step + 1, losses)
+            _save_checkpoint(accelerator, network, optimizer, tokenizer, folder, step + 1, losses, fingerprint)
 
     # Every rank evaluates an equal share (FSDP/ZeRO-3 forwards are collective; a remainder of fewer than `world`
     # blocks is left out, a shortage wraps around), outside DDP's wrapper.
