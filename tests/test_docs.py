@@ -33,12 +33,31 @@ DOC_FILES = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
 SHELL_LANGUAGES = {"bash", "sh", "shell", "console"}
 # The ignored (not pip-installable from setup.cfg) packages the docs may tell users to install.
 OPTIONAL_PACKAGES = {"deepspeed"}
-LAUNCH_CONFIGS = {  # file -> (distributed_type, extra check)
-    "ddp.yaml": ("MULTI_GPU", lambda config: True),
-    "fsdp2.yaml": ("FSDP", lambda config: config["fsdp_config"]["fsdp_version"] == 2),
-    "deepspeed-zero2.yaml": ("DEEPSPEED", lambda config: config["deepspeed_config"]["zero_stage"] == 2),
-    "deepspeed-zero3.yaml": ("DEEPSPEED", lambda config: config["deepspeed_config"]["zero_stage"] == 3),
+# The launch configs of configuration/accelerate/, by what docs/training.md says of them ("a.b" is a nested field,
+# None a field that must be absent): the distributed type of its table, the mixed precision of its "Mixed precision"
+# line, one process per GPU on one machine for DDP (plain DDP: no FSDP or DeepSpeed section), FSDP2 wrapping every
+# decoder layer by the model's `_no_split_modules` (no class list) with a full state dict on save, DeepSpeed's ZeRO
+# stage, gradient accumulation equal to `train`'s default (1) and ZeRO-3's 16-bit weights gathered on save.
+LAUNCH_CONFIGS = {
+    "ddp.yaml": {
+        "distributed_type": "MULTI_GPU", "mixed_precision": "no", "num_machines": 1, "gpu_ids": "all",
+        "use_cpu": False, "fsdp_config": None, "deepspeed_config": None,
+    },
+    "fsdp2.yaml": {
+        "distributed_type": "FSDP", "mixed_precision": "no", "fsdp_config.fsdp_version": 2,
+        "fsdp_config.fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_config.fsdp_transformer_layer_cls_to_wrap": None, "fsdp_config.fsdp_state_dict_type": "FULL_STATE_DICT",
+    },
+    "deepspeed-zero2.yaml": {
+        "distributed_type": "DEEPSPEED", "mixed_precision": "bf16", "deepspeed_config.zero_stage": 2,
+        "deepspeed_config.gradient_accumulation_steps": 1,
+    },
+    "deepspeed-zero3.yaml": {
+        "distributed_type": "DEEPSPEED", "mixed_precision": "bf16", "deepspeed_config.zero_stage": 3,
+        "deepspeed_config.gradient_accumulation_steps": 1, "deepspeed_config.zero3_save_16bit_model": True,
+    },
 }
+LAUNCH_CONFIG_DIR = ROOT / "configuration" / "accelerate"
 # api.md: every public name of these modules (`__all__`, else public functions and classes defined there) has an entry.
 API_COMPLETE_MODULES = (
     "modeling_grin",
@@ -263,7 +282,8 @@ def check_script(script: str, arguments: list[str], where: str) -> None:
         f"{where}: {script} is not a script of benchmarks/ or conversion_scripts/"
     )
     if not arguments:
-        return  # nothing to check beyond its existence (and the default run is what it does)
+        check_script_without_arguments(path, where)
+        return
     with parse_only():
         sys.argv[:] = [str(path), *arguments]
         try:
@@ -273,6 +293,31 @@ def check_script(script: str, arguments: list[str], where: str) -> None:
         except SystemExit as exit_:
             pytest.fail(f"{where}: `{script} {' '.join(arguments)}` does not parse (exit {exit_.code})")
     pytest.fail(f"{where}: {script} takes no arguments but the docs pass {arguments}")
+
+
+def check_script_without_arguments(path: Path, where: str) -> None:
+    """`python SCRIPT` alone: it is a program (a `__main__` guard) and its defaults parse: a script with an argparse
+    parser is run up to `parse_args` of no arguments (a required argument fails it); one without reads no argv."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    assert any(
+        isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body
+    ), f"{where}: {path.name} has no `if __name__ == \"__main__\":` entry point"
+    calls = {ast.unparse(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    if not any(call.endswith("ArgumentParser") for call in calls):
+        # sys.argv only echoed in the reproduction line (' '.join(sys.argv)), never read for values
+        indexed = [node for node in ast.walk(tree) if isinstance(node, ast.Subscript)
+                   and ast.unparse(node.value) == "sys.argv"]
+        assert not indexed, f"{where}: {path.name} reads sys.argv without a parser"
+        return
+    with parse_only():
+        sys.argv[:] = [str(path)]
+        try:
+            runpy.run_path(str(path), run_name="__main__")
+        except _Parsed:
+            return
+        except SystemExit as exit_:
+            pytest.fail(f"{where}: `{path.name}` without arguments does not parse (exit {exit_.code})")
+    pytest.fail(f"{where}: {path.name} builds a parser but never parses its arguments")
 
 
 def check_accelerate_launch(arguments: list[str], where: str) -> None:
@@ -285,14 +330,58 @@ def check_accelerate_launch(arguments: list[str], where: str) -> None:
     assert launch.config_file, f"{where}: accelerate launch without --config_file"
     config_path = ROOT / launch.config_file
     assert config_path.is_file(), f"{where}: {launch.config_file} does not exist"
-    expected_type, extra_check = LAUNCH_CONFIGS[config_path.name]
-    config = yaml.safe_load(config_path.read_text())
-    assert config["distributed_type"] == expected_type and extra_check(config), f"{where}: {launch.config_file}"
+    assert config_path.name in LAUNCH_CONFIGS, f"{where}: {launch.config_file} is not a shipped launch config"
+    check_launch_config(config_path, f"{where}: {launch.config_file}")
     assert launch.module and launch.training_script == "modeling_grin.cli", (
         f"{where}: the launched program should be `-m modeling_grin.cli`"
     )
     namespace = parse_grin_moe(launch.training_script_args, where)
     assert namespace is not None and namespace.command == "train", f"{where}: accelerate launch of a non-train command"
+
+
+def check_launch_config(path: Path, where: str) -> None:
+    """Accelerate's own loader accepts the file (it rejects unknown keys), and its fields are what the docs say."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    ClusterConfig.from_yaml_file(str(path))
+    config = yaml.safe_load(path.read_text())
+    for field, expected in LAUNCH_CONFIGS[path.name].items():
+        *sections, key = field.split(".")
+        section = config
+        for name in sections:
+            section = section.get(name) or {}
+        if expected is None:
+            assert key not in section, f"{where}: {field} should be absent"
+        else:
+            assert key in section and section[key] == expected, f"{where}: {field} is {section.get(key)!r}, " \
+                f"the docs say {expected!r}"
+
+
+@pytest.mark.parametrize("name", sorted(LAUNCH_CONFIGS))
+def test_launch_config_has_the_documented_fields(name):
+    check_launch_config(LAUNCH_CONFIG_DIR / name, name)
+
+
+def test_every_launch_config_is_documented_with_its_distributed_type():
+    assert {path.name for path in LAUNCH_CONFIG_DIR.glob("*.yaml")} == set(LAUNCH_CONFIGS)
+    table = dict(re.findall(r"^\| `([\w-]+\.yaml)` \| `(\w+)` \|", prose(DOCS / "training.md"), flags=re.M))
+    assert table == {name: fields["distributed_type"] for name, fields in LAUNCH_CONFIGS.items()}
+    precision = re.search(r"\*\*Mixed precision\*\* comes from the launch config \(([^)]*)\)",
+                          " ".join(prose(DOCS / "training.md").split()))
+    assert precision, "docs/training.md: the Mixed precision line moved; update this test"
+    assert precision.group(1) == '`"no"` in `ddp.yaml` / `fsdp2.yaml`, `bf16` in the DeepSpeed ones'
+
+
+def test_the_launch_config_check_rejects_what_it_should(tmp_path):
+    for name, field, value in (("ddp.yaml", "mixed_precision", "bf16"), ("ddp.yaml", "fsdp_config", {}),
+                               ("fsdp2.yaml", "fsdp_config", {"fsdp_version": 1}),
+                               ("deepspeed-zero3.yaml", "deepspeed_config", {"zero_stage": 3}),
+                               ("ddp.yaml", "no_such_accelerate_key", 1)):
+        config = yaml.safe_load((LAUNCH_CONFIG_DIR / name).read_text())
+        config[field] = value
+        (tmp_path / name).write_text(yaml.safe_dump(config))
+        with pytest.raises((AssertionError, ValueError)):
+            check_launch_config(tmp_path / name, "self-test")
 
 
 def check_command(command: list[str], where: str) -> None:
@@ -366,8 +455,16 @@ def test_inline_command(path, command):
         assert len(command) == 1 or command[1] in subcommands(), f"{where}: no sub-command {command[1]!r}"
     elif command[0] == "grin-moe" and command[1].isupper():  # a placeholder: `grin-moe COMMAND --help`
         assert command[2:] == ["--help"], where
-    elif command in (["accelerate", "launch"], ["pip", "install"]):
-        pass
+    elif command == ["accelerate", "launch"]:  # a mention: the launcher exists, and the docs show how to use it
+        from accelerate.commands.launch import launch_command_parser
+
+        assert "accelerate" in setup_requirements()[0], f"{where}: accelerate is not a dependency in setup.cfg"
+        assert launch_command_parser().parse_args(["--config_file", "c.yaml", "-m", "x"]).module, where
+        assert any(command[:2] == ["accelerate", "launch"] for block, command in
+                   (param.values for param in ALL_COMMANDS)), f"{where}: no documented `accelerate launch` command"
+    elif command == ["pip", "install"]:  # a mention: the same page shows (and so checks) a real install command
+        assert any(block.path == path and command[:2] == ["pip", "install"] for block, command in
+                   (param.values for param in ALL_COMMANDS)), f"{where}: no `pip install` command on this page"
     else:
         # Inline summaries may use placeholders: an upper-case word (SRC, N) stands for a value, `{a,b}` for a choice.
         choices = [re.fullmatch(r"\{([\w-]+(?:,[\w-]+)+)\}", token) for token in command]
@@ -408,6 +505,22 @@ def test_the_checker_rejects_what_it_should():
                 check_command(bad, where)
             except AssertionError as error:
                 pytest.fail(str(error))
+
+
+def test_the_script_check_without_arguments_rejects_what_it_should(tmp_path):
+    for name, source in (
+        ("no_entry_point.py", "print('runs on import')\n"),
+        ("reads_argv.py", "import sys\nif __name__ == '__main__':\n    print(sys.argv[1])\n"),
+        ("required.py", "import argparse\nif __name__ == '__main__':\n"
+                        "    parser = argparse.ArgumentParser()\n    parser.add_argument('source')\n"
+                        "    parser.parse_args()\n"),
+    ):
+        (tmp_path / name).write_text(source)
+        with pytest.raises((AssertionError, pytest.fail.Exception)):
+            check_script_without_arguments(tmp_path / name, "self-test")
+    (tmp_path / "fine.py").write_text("import argparse\nif __name__ == '__main__':\n"
+                                      "    argparse.ArgumentParser().parse_args()\n    raise SystemExit(3)\n")
+    check_script_without_arguments(tmp_path / "fine.py", "self-test")  # stops after parsing, before running
 
 
 def test_the_inline_checker_rejects_what_it_should():

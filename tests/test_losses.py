@@ -53,3 +53,24 @@ def test_router_z_loss_and_its_config_weight():
     with_z = tiny_model(router_z_loss_coef=0.1)(input_ids, labels=input_ids, output_router_logits=True)
     z = router_z_loss(with_z.router_logits)
     assert torch.allclose(with_z.loss, plain.loss + 0.1 * z)
+
+
+def test_the_models_router_z_loss_leaves_out_padding():
+    input_ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # left padding
+    attention_mask[1, 5:] = 0  # right padding
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    arguments = dict(attention_mask=attention_mask, labels=labels, output_router_logits=True)
+    plain = tiny_model()(input_ids, **arguments)
+    with_z = tiny_model(router_z_loss_coef=0.1)(input_ids, **arguments)
+    # Independently: the mean over the non-padding rows only, from the router logits and the formula.
+    rows = attention_mask.reshape(-1).bool()
+    masked_z = torch.cat([logits[rows].logsumexp(-1).square() for logits in with_z.router_logits]).mean()
+    unmasked_z = torch.cat([logits.logsumexp(-1).square() for logits in with_z.router_logits]).mean()
+    assert not torch.allclose(0.1 * masked_z, 0.1 * unmasked_z, rtol=0, atol=1e-4)  # padding would show
+    assert torch.allclose(with_z.loss, plain.loss + 0.1 * masked_z, rtol=0, atol=1e-5)
+    # The aux loss leaves the padding out too (this part of the loss is shared by both models).
+    masked_rows = tuple(logits[rows] for logits in with_z.router_logits)
+    assert torch.allclose(with_z.aux_loss, load_balancing_loss(masked_rows, 4, 2), rtol=0, atol=1e-6)

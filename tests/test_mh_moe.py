@@ -1,10 +1,11 @@
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_informative, peak_weights_, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_grin import MhMoeConfig, MhMoeForCausalLM, MhMoeForSequenceClassification
 from modeling_grin.configuration_mh_moe import mh_moe_parity, moe_layer_cost
+from modeling_grin.losses import load_balancing_loss
 from modeling_grin.modeling_grin_moe import GrinMoeSparseMoeBlock
 from modeling_grin.modeling_mh_moe import MhMoeMLP, MhMoeSparseMoeBlock
 from modeling_grin.presets import load_preset
@@ -27,6 +28,11 @@ def tiny_mh_model(seed=0, **overrides) -> MhMoeForCausalLM:
         for parameter in model.parameters():
             parameter.normal_(0.0, 0.2)
     return model
+
+
+def informative_mh_model(seed=0, **overrides) -> MhMoeForCausalLM:
+    """`tiny_mh_model` with conftest's peaked weights, for generation and routing checks."""
+    return peak_weights_(MhMoeForCausalLM(tiny_mh_config(**overrides)).eval(), seed)
 
 
 def inputs(batch=2, length=9, seed=0):
@@ -100,20 +106,42 @@ def test_sub_tokens_are_routed_independently_in_token_order():
     assert (per_token[:, 0] != per_token[:, 1]).any()  # sub-tokens of one token pick different experts
 
 
-def test_block_equals_a_manual_sub_token_computation():
-    block = tiny_mh_model().model.layers[0].mlp
-    x = torch.randn(2, 4, 24)
-    rows = block.head_proj(x).reshape(-1, 8)
+def manual_block(block, x):
+    """shared_expert(x) + merge(experts(split(head(x)))), from the block's weights and the formulas alone."""
+    linear = torch.nn.functional.linear
+    silu = torch.nn.functional.silu
+    rows = linear(x, block.head_proj.weight, block.head_proj.bias).reshape(-1, 8)  # 3 sub-tokens of 8 per token
     _, weights, indices = block.router(rows)
     manual = torch.zeros_like(rows)
     for row in range(rows.shape[0]):
         for slot in range(2):
             expert = indices[row, slot]
             gate, up = (block.experts.gate_up_proj[expert] @ rows[row]).chunk(2)
-            expert_output = block.experts.down_proj[expert] @ (torch.nn.functional.silu(gate) * up)
-            manual[row] += weights[row, slot] * expert_output
-    expected = block.merge_proj(manual.reshape(2, 4, 24))
-    assert torch.allclose(block(x), expected, atol=1e-5)
+            manual[row] = manual[row] + weights[row, slot] * (block.experts.down_proj[expert] @ (silu(gate) * up))
+    merged = linear(manual.reshape(x.shape), block.merge_proj.weight, block.merge_proj.bias)
+    if block.shared_expert is None:
+        return merged, indices
+    shared = block.shared_expert
+    hidden = silu(linear(x, shared.gate_proj.weight)) * linear(x, shared.up_proj.weight)
+    return merged + linear(hidden, shared.down_proj.weight), indices
+
+
+@pytest.mark.parametrize("shared", [0, 8])
+def test_block_equals_a_manual_sub_token_computation_in_value_and_gradient(shared):
+    block = informative_mh_model(shared_expert_intermediate_size=shared).model.layers[0].mlp
+    assert (block.shared_expert is not None) == (shared > 0)
+    x = torch.randn(2, 4, 24, generator=torch.Generator().manual_seed(0))
+    expected, indices = manual_block(block, x)
+    assert indices.unique().numel() >= 4  # several experts take part
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(block.parameters()))
+    output = block(x)
+    assert torch.allclose(output, expected, atol=1e-5)
+    grads = torch.autograd.grad(output.square().sum(), list(block.parameters()))
+    for (name, _), grad, expected_grad in zip(block.named_parameters(), grads, expected_grads, strict=True):
+        assert torch.allclose(grad, expected_grad, atol=1e-4, rtol=1e-4), name
+    if shared:  # the shared expert reads the block input, not the head layer's output
+        head_fed = block.shared_expert(block.head_proj(x))
+        assert (head_fed - block.shared_expert(x)).abs().max() > 0.1
 
 
 def test_head_and_merge_switches_change_the_parameter_set():
@@ -140,10 +168,18 @@ def test_one_head_without_projections_equals_the_grin_block(training):
     mh_block, grin_block = MhMoeSparseMoeBlock(config), GrinMoeSparseMoeBlock(grin_config)
     for parameter in grin_block.parameters():
         torch.nn.init.normal_(parameter, std=0.3)
-    assert mh_block.load_state_dict(grin_block.state_dict()) is not None
+    loaded = mh_block.load_state_dict(grin_block.state_dict())
+    assert not loaded.missing_keys and not loaded.unexpected_keys
+    mh_state = mh_block.state_dict()
+    assert mh_state.keys() == grin_block.state_dict().keys()
+    assert all(torch.equal(mh_state[name], tensor) for name, tensor in grin_block.state_dict().items())
     mh_block.train(training), grin_block.train(training)
     x = torch.randn(3, 7, 24)
-    assert torch.equal(mh_block(x), grin_block(x))
+    torch.manual_seed(1)  # the same training-mode samples for both
+    mh_output = mh_block(x)
+    torch.manual_seed(1)
+    assert torch.equal(mh_output, grin_block(x))
+    assert mh_output.abs().max() > 0.1
 
 
 def test_one_head_sparsemixer_block_equals_grin_in_training_with_the_same_samples():
@@ -178,7 +214,7 @@ def test_gradients_reach_head_merge_router_experts_and_dense_layers():
 
 
 def test_load_balancing_counts_sub_tokens_and_skips_padding():
-    model = tiny_mh_model()
+    model = informative_mh_model()
     input_ids = inputs()
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :4] = 0
@@ -186,7 +222,13 @@ def test_load_balancing_counts_sub_tokens_and_skips_padding():
     changed = input_ids.masked_fill(attention_mask == 0, 7)
     second = model(changed, attention_mask=attention_mask, output_router_logits=True).aux_loss
     assert torch.allclose(first, second) and first > 0
-    assert model(input_ids, output_router_logits=True).aux_loss is not None
+    # Independently: the loss of the router rows of the non-padding tokens only, 3 sub-token rows per token.
+    out = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    rows = attention_mask.reshape(-1).bool().repeat_interleave(3)
+    assert torch.allclose(first, load_balancing_loss(tuple(r[rows] for r in out.router_logits), 6, 2), atol=1e-6)
+    unmasked = model(input_ids, output_router_logits=True)
+    assert torch.allclose(unmasked.aux_loss, load_balancing_loss(unmasked.router_logits, 6, 2))
+    assert not torch.allclose(unmasked.aux_loss, first)
     dense = tiny_mh_model(moe_layer_frequency=0)
     assert dense(input_ids, output_router_logits=True).aux_loss is None
 
@@ -208,20 +250,55 @@ def test_cache_generate_gradient_checkpointing_and_experts_implementations():
         prefix = model(input_ids[:, :8], use_cache=True)
         step = model(input_ids[:, 8:], cache=prefix.cache, use_cache=True)
         assert (torch.cat([prefix.logits, step.logits], 1) - full).abs().max() <= 1e-5
-        generated = model.generate(input_ids, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-        assert generated.shape == (2, 17)
         model.set_experts_implementation("grouped_mm")
         assert (model(input_ids).logits - full).abs().max() <= 1e-5
     model.set_experts_implementation("eager")
-    model.train().activation_checkpointing_enable()
-    model(input_ids, labels=input_ids).loss.backward()
-    assert model.model.layers[0].mlp.head_proj.weight.grad is not None
+    # Training with activation checkpointing: the same loss and gradients as without (the same samples, seeded).
+    gradients = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        torch.manual_seed(3)
+        model(input_ids, labels=input_ids, output_router_logits=True).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() == {name for name, _ in model.named_parameters()}
+    assert gradients[0]["model.layers.0.mlp.head_proj.weight"].abs().sum() > 0
+    for name, grad in gradients[0].items():
+        assert torch.allclose(gradients[1][name], grad, atol=1e-6), name
+
+
+def test_greedy_generation_with_a_cache_matches_uncached_decoding_and_full_forwards():
+    model = informative_mh_model()
+    input_ids = inputs(length=8)
+    assert_informative(model, input_ids)
+    settings = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(input_ids, **settings)
+        assert torch.equal(cached, model.generate(input_ids, use_cache=False, **settings))
+        sequence = input_ids  # greedy decoding by hand: a full forward per step, no cache
+        for _ in range(8):
+            sequence = torch.cat([sequence, model(sequence).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(cached, sequence)
 
 
 def test_sequence_classification(tmp_path):
-    classifier = AutoModelForSequenceClassification.from_config(tiny_mh_config(num_labels=2))
+    classifier = AutoModelForSequenceClassification.from_config(tiny_mh_config(num_labels=2)).eval()
     assert type(classifier) is MhMoeForSequenceClassification
-    assert classifier(inputs(), labels=torch.tensor([0, 1])).loss.requires_grad
+    peak_weights_(classifier)
+    input_ids = inputs()
+    input_ids[1, 6:] = 0  # right padding: the second row is pooled at its last real token, position 5
+    labels = torch.tensor([0, 1])
+    out = classifier(input_ids, labels=labels)
+    with torch.no_grad():
+        hidden = classifier.model(input_ids).last_hidden_state
+    expected = classifier.score(hidden[torch.arange(2), torch.tensor([8, 5])])
+    assert out.logits.shape == (2, 2) and torch.allclose(out.logits, expected, atol=1e-5)
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(expected, labels), atol=1e-5)
+    out.loss.backward()
+    assert classifier.score.weight.grad.abs().sum() > 0
+    assert classifier.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize(

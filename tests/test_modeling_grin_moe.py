@@ -1,13 +1,15 @@
+import copy
 import logging
 
 import pytest
 import torch
-from conftest import rewrite_as_phimoe, tiny_config, tiny_model
+from conftest import informative_model, rewrite_as_phimoe, tiny_config, tiny_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PhimoeForCausalLM
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from modeling_grin import GrinMoeForCausalLM, GrinMoeForSequenceClassification, GrinMoeModel
+from modeling_grin.losses import load_balancing_loss, router_z_loss
 from modeling_grin.modeling_grin_moe import GrinMoeExperts
 
 
@@ -105,7 +107,18 @@ def test_released_format_folder_loads_without_missing_or_unexpected_weights(rele
     assert torch.equal(experts.gate_up_proj[2], torch.cat([w1, w3]))
     assert torch.equal(experts.down_proj[2], w2)
     assert torch.equal(model.model.layers[1].mlp.router.weight, gate)
-    model(inputs(), labels=inputs())  # runs in bf16
+    # It runs in bf16 and agrees with an fp32 run of the same (bf16-valued) weights: the difference is bf16's
+    # rounding of the activations (unit roundoff 2**-8 ~ 0.4 %) accumulated over two layers; 3 % of the logits'
+    # scale (about 4 bf16 epsilons) allows for that, while a wrong kernel, dtype mix-up or routing change is larger.
+    reference = copy.deepcopy(model).float()
+    input_ids = inputs()
+    with torch.no_grad():
+        bf16 = model(input_ids, labels=input_ids)
+        fp32 = reference(input_ids, labels=input_ids)
+    assert bf16.logits.dtype == torch.bfloat16 and fp32.logits.dtype == torch.float32
+    scale = fp32.logits.abs().max()
+    assert (bf16.logits.float() - fp32.logits).abs().max() <= 0.03 * scale
+    assert abs(bf16.loss.item() - fp32.loss.item()) <= 0.01 * fp32.loss.item()
 
 
 def test_outputs_follow_transformers_moe_conventions():
@@ -117,8 +130,32 @@ def test_outputs_follow_transformers_moe_conventions():
     assert plain.aux_loss is None and plain.router_logits is None
     assert len(with_router.router_logits) == 2 and with_router.router_logits[0].shape == (3 * 11, 4)
     assert torch.allclose(with_router.loss, plain.loss + 0.5 * with_router.aux_loss)
-    hidden = model(input_ids, output_hidden_states=True, output_attentions=True, attn_implementation="eager")
+    hidden = model(input_ids, output_hidden_states=True)
     assert len(hidden.hidden_states) == 3
+    assert torch.equal(hidden.hidden_states[0], model.model.embed_tokens(input_ids))
+
+
+def test_output_attentions_are_the_causal_sliding_window_probabilities(grin_and_phimoe):
+    model, phimoe = grin_and_phimoe
+    input_ids, attention_mask = left_padded(inputs())
+    model.set_attn_implementation("eager")  # sdpa computes no probabilities (it returns none, as Phimoe's)
+    phimoe.set_attn_implementation("eager")
+    with torch.no_grad():
+        ours = model(input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+        theirs = phimoe(input_ids, attention_mask=attention_mask, output_attentions=True).attentions
+    assert len(ours) == 2 and all(layer.shape == (3, 4, 11, 11) for layer in ours)
+    query, key = torch.arange(11)[:, None], torch.arange(11)[None, :]
+    window = model.config.sliding_window
+    visible = (key <= query) & (query - key < window)  # causal, and the last `window` positions only
+    for layer, reference in zip(ours, theirs, strict=True):
+        assert (layer - reference).abs().max() <= 1e-6
+        for row in range(3):
+            valid = attention_mask[row].bool()
+            allowed = visible & valid[None, :]  # padded keys are never attended
+            probabilities = layer[row][:, valid]  # rows of the real (non-padding) queries
+            assert torch.allclose(probabilities.sum(-1), torch.ones_like(probabilities[..., 0]), atol=1e-6)
+            assert (probabilities[:, ~allowed[valid]] == 0).all()
+            assert (probabilities[:, allowed[valid]] > 0).all()
 
 
 def test_aux_loss_ignores_padding_and_reaches_the_router():
@@ -143,7 +180,38 @@ def test_router_outputs_during_cached_generation():
     assert out.sequences.shape == (3, 12)
     step = model(out.sequences[:, -1:], attention_mask=torch.ones(3, 12, dtype=torch.long),
                  cache=model(out.sequences[:, :-1], use_cache=True).cache)
-    assert step.aux_loss is not None and torch.isfinite(step.aux_loss)
+    assert len(step.router_logits) == 2 and step.router_logits[0].shape == (3, 4)  # the new token's rows only
+    assert torch.allclose(step.aux_loss, load_balancing_loss(step.router_logits, 4, 2))
+
+
+def test_aux_and_z_loss_with_a_cache_use_the_mask_of_the_new_tokens():
+    """With a cache the 2-D mask covers past and new tokens; the router rows are the new tokens': the mask's tail."""
+    model = informative_model(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)
+    input_ids = inputs(batch=2, length=12)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0  # left padding in the past tokens
+    attention_mask[1, 10:] = 0  # right padding among the new ones
+    input_ids = input_ids.masked_fill(attention_mask == 0, 0)
+    past, new = 8, 4
+    labels = input_ids[:, past:].masked_fill(attention_mask[:, past:] == 0, -100)
+    with torch.no_grad():
+        prefix = model(input_ids[:, :past], attention_mask=attention_mask[:, :past], use_cache=True)
+        step = model(input_ids[:, past:], attention_mask=attention_mask, cache=prefix.cache, labels=labels,
+                     output_router_logits=True)
+        # Independently: an uncached forward of the whole sequence, its router rows restricted to the new positions.
+        full = model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+    new_rows = tuple(logits.reshape(2, 12, -1)[:, past:].reshape(2 * new, -1) for logits in full.router_logits)
+    for cached, uncached in zip(step.router_logits, new_rows, strict=True):
+        assert torch.allclose(cached, uncached, atol=1e-5)
+    assert torch.cat([rows.topk(2, dim=-1).indices for rows in new_rows]).unique().numel() == 4  # all experts used
+    tail, head = attention_mask[:, -new:], attention_mask[:, :new]
+    expected_aux = load_balancing_loss(new_rows, 4, 2, tail)
+    assert not torch.allclose(load_balancing_loss(new_rows, 4, 2, head), expected_aux, rtol=0, atol=1e-3)
+    assert torch.allclose(step.aux_loss, expected_aux, rtol=0, atol=1e-5)
+    expected_z = router_z_loss(new_rows, tail)
+    assert not torch.allclose(router_z_loss(new_rows, head), expected_z, rtol=0, atol=1e-2)
+    lm_loss = torch.nn.functional.cross_entropy(step.logits[:, :-1].reshape(-1, 96), labels[:, 1:].reshape(-1))
+    assert torch.allclose(step.loss, lm_loss + 0.5 * expected_aux + 0.1 * expected_z, rtol=0, atol=1e-4)
 
 
 def test_sdpa_and_eager_attention_agree():
@@ -196,13 +264,47 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(gradients[0], gradients[1], atol=1e-6)
 
 
+def routed(model, input_ids, seed):
+    """Per MoE layer, the router logits it saw and the experts it chose, from one forward pass under `seed`."""
+    seen = []
+    hooks = [layer.mlp.router.register_forward_hook(lambda module, args, out: seen.append((out[0], out[2])))
+             for layer in model.model.layers]
+    torch.manual_seed(seed)
+    loss = model(input_ids, labels=input_ids, output_router_logits=True).loss
+    for hook in hooks:
+        hook.remove()
+    return loss, seen
+
+
 def test_training_mode_samples_experts_and_trains_every_part():
-    model = tiny_model(router_aux_loss_coef=0.01).train()
+    # jitter 0.2: the mask keeps the experts within 40 % of the best logit, so tokens have several candidates.
+    model = informative_model(router_aux_loss_coef=0.01, router_jitter_noise=0.2)
     input_ids = inputs()
-    model(input_ids, labels=input_ids, output_router_logits=True).loss.backward()
-    for name, parameter in model.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
-    assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        evaluated = [routed(model, input_ids, seed)[1] for seed in (0, 1)]
+    for (logits, chosen), (_, again) in zip(*evaluated, strict=True):
+        assert torch.equal(chosen, again) and torch.equal(chosen, logits.topk(2, dim=-1).indices)  # deterministic
+    model.train()
+    samples = []
+    for seed in (0, 1, 2):
+        model.zero_grad()
+        loss, seen = routed(model, input_ids, seed)
+        loss.backward()
+        samples.append(torch.stack([chosen for _, chosen in seen]))
+        # Sampling: some first choices are not the argmax of the logits the router saw (input jitter included).
+        assert any((chosen[:, 0] != logits.argmax(-1)).any() for logits, chosen in seen), seed
+        for name, parameter in model.named_parameters():
+            assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+            assert parameter.grad.abs().sum() > 0, name
+        for layer in model.model.layers:  # every expert took tokens and learns
+            for expert in range(4):
+                assert layer.mlp.experts.gate_up_proj.grad[expert].abs().sum() > 0
+                assert layer.mlp.experts.down_proj.grad[expert].abs().sum() > 0
+    assert not torch.equal(samples[0], samples[1]) and not torch.equal(samples[1], samples[2])
+    torch.manual_seed(0)
+    first = model(input_ids).logits
+    torch.manual_seed(0)
+    assert torch.equal(first, model(input_ids).logits)  # the samples come from the seeded global generator
 
 
 def test_input_jitter_is_applied_once(monkeypatch):

@@ -55,7 +55,14 @@ def routed_loss_and_grad(function, logits, upstream):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_training_top2_matches_transformers_given_the_same_samples(monkeypatch, seed):
-    logits = logits_with_ties(tokens=256, seed=seed) * 0.05  # small logits: many candidates survive the mask
+    # Logits near 100: the 2 * eps mask keeps every expert within ~2 of the best, so most tokens have several
+    # candidates whose masked-softmax probabilities are far apart (not near-ties, where any sampling rule would pick
+    # the same expert from the same noise); the ties of `logits_with_ties` survive the offset.
+    logits = 100 + logits_with_ties(tokens=256, seed=seed)
+    probs = masked_softmax(logits, logits.max(-1, keepdim=True).values)
+    candidates = (probs > 0).sum(-1)
+    spread = probs.max(-1).values - probs.masked_fill(probs == 0, 2).min(-1).values
+    assert ((candidates >= 3) & (spread > 0.3)).float().mean() > 0.25
     upstream = torch.randn(logits.shape[0], 2, generator=torch.Generator().manual_seed(seed))
     noise = QueuedNoise(*logits.shape, top_k=2, seed=seed)
 
@@ -99,7 +106,9 @@ def test_eval_top_k_takes_experts_in_logit_order():
 
 
 def test_training_is_reproducible_from_a_generator():
-    logits = torch.randn(64, 8) * 0.01
+    # Seeded logits near 100, so most tokens have several candidates (the process's global RNG is seeded at random:
+    # unseeded small logits sometimes had a single candidate per slot everywhere, and every seed chose alike).
+    logits = 100 + torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     first = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(7))
     second = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(7))
     other = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(8))
@@ -107,13 +116,49 @@ def test_training_is_reproducible_from_a_generator():
     assert not torch.equal(first[1], other[1])
 
 
+def assert_frequencies_match(counts: torch.Tensor, expected: torch.Tensor, sigmas: float = 5.0) -> None:
+    """Observed counts against expected probabilities, within `sigmas` binomial standard errors per cell."""
+    samples = counts.sum()
+    frequency = counts.double() / samples
+    standard_error = (expected * (1 - expected) / samples).sqrt()
+    assert (frequency[expected == 0] == 0).all(), frequency
+    excess = ((frequency - expected).abs() / standard_error.clamp(min=1e-12))[expected > 0]
+    assert (excess <= sigmas).all(), (frequency, expected, excess)
+
+
+SAMPLES = 40_000
+# Candidates of the first slot (eps 0.01: within 2% of max(|z_i|, z*) = 100): 100, 99.5, 99, 98.2; 50 is masked.
+# Their masked softmax, ~[0.45, 0.27, 0.17, 0.07], is far from uniform (0.25 each): 20+ standard errors apart.
+SPREAD_LOGITS = torch.tensor([100.0, 99.5, 99.0, 98.2, 50.0], dtype=torch.float64)
+
+
+def masked_softmax(logits: torch.Tensor, best: torch.Tensor, jitter_eps: float = 0.01) -> torch.Tensor:
+    """SparseMixer-v2's candidate distribution from the formula: i is kept iff (z* - z_i) / max(|z_i|, z*) <= 2 eps."""
+    outside = (best - logits) / logits.abs().clamp(min=best) > 2 * jitter_eps
+    return logits.masked_fill(outside | logits.isinf(), float("-inf")).softmax(-1)
+
+
 def test_training_sampling_follows_the_masked_softmax():
-    logits = torch.tensor([[1.0, 0.995, 0.99, -3.0]]).expand(20000, 4)  # three candidates inside the mask
+    expected = masked_softmax(SPREAD_LOGITS, SPREAD_LOGITS.max())
+    assert (expected[:4] > 0).all() and expected[4] == 0
+    assert (expected[:4] - 0.25).abs().max() > 0.15  # uniform sampling among the candidates would fail by far
+    logits = SPREAD_LOGITS.float().expand(SAMPLES, 5)
     _, indices = sparsemixer_v2(logits, 1, 0.01, True, generator=torch.Generator().manual_seed(0))
-    frequency = torch.bincount(indices[:, 0], minlength=4).float() / indices.shape[0]
-    expected = torch.tensor([1.0, 0.995, 0.99]).softmax(-1)
-    assert frequency[3] == 0
-    assert torch.allclose(frequency[:3], expected, atol=0.015)
+    assert_frequencies_match(torch.bincount(indices[:, 0], minlength=5), expected)
+
+
+def test_training_top2_samples_pairs_without_replacement_from_the_masked_softmax():
+    """Second slot: masked softmax of the rest, its threshold the best remaining logit (Algorithm 3)."""
+    first = masked_softmax(SPREAD_LOGITS, SPREAD_LOGITS.max())
+    expected = torch.zeros(5, 5, dtype=torch.float64)
+    for chosen in range(5):
+        rest = SPREAD_LOGITS.clone()
+        rest[chosen] = float("-inf")
+        expected[chosen] = first[chosen] * masked_softmax(rest, rest.max())
+    logits = SPREAD_LOGITS.float().expand(SAMPLES, 5)
+    _, indices = sparsemixer_v2(logits, 2, 0.01, True, generator=torch.Generator().manual_seed(1))
+    pairs = torch.bincount(indices[:, 0] * 5 + indices[:, 1], minlength=25)
+    assert_frequencies_match(pairs, expected.flatten())
 
 
 def test_exact_zero_exponential_draws_do_not_produce_nan(monkeypatch):
