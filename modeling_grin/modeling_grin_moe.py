@@ -27,7 +27,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_grin_moe import GrinMoeConfig
-from .experts import SwiGLUExperts
+from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts
 from .losses import load_balancing_loss, router_z_loss
 from .sparsemixer import GrinMoeRouter
 
@@ -128,7 +128,7 @@ def _check_attention_output(output: torch.Tensor, inputs: tuple[torch.Tensor, ..
         )
 
 
-@use_experts_implementation
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class GrinMoeExperts(SwiGLUExperts):
     """GRIN's SwiGLU experts; `experts_implementation` picks eager (the inherited forward), grouped_mm or batched_mm."""
 

@@ -16,7 +16,7 @@ from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 
 from .configuration_mh_moe import MhMoeConfig
-from .experts import SwiGLUExperts
+from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts
 from .modeling_grin_moe import (
     GrinMoeAttention,
     GrinMoeDecoderLayer,
@@ -28,7 +28,7 @@ from .modeling_grin_moe import (
 )
 
 
-@use_experts_implementation
+@use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class MhMoeExperts(SwiGLUExperts):
     """The shared expert pool, acting on sub-tokens of size hidden_size / moe_heads."""
 
