@@ -18,19 +18,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout; the tests' models and helpers
 
-from conftest import peak_weights_, rewrite_as_phimoe  # noqa: E402
+from conftest import LONGROPE_SCALING, peak_weights_, rewrite_as_phimoe  # noqa: E402
 from test_generation import GREEDY, build, generate, left_padded, prompt  # noqa: E402
 from transformers import PhimoeForCausalLM  # noqa: E402
 
 CACHED_ONLY = ("cache_implementation", "assistant_model", "prompt_lookup_num_tokens")
-LONGROPE = {
-    "type": "longrope",
-    "short_factor": [1.0, 1.2, 1.5, 2.0],
-    "long_factor": [1.5, 2.5, 4.0, 8.0],
-    "short_mscale": 1.1,
-    "long_mscale": 1.243163121016122,
-    "original_max_position_embeddings": 8,
-}
 
 
 def as_phimoe(model, folder: Path) -> PhimoeForCausalLM:
@@ -93,7 +85,7 @@ def measure(family: str, folder: Path) -> list[dict]:
                  "uncached_max_diff": diff})
 
     if family == "grin":
-        long_model = build("grin", rope_scaling=LONGROPE, sliding_window=None)
+        long_model = build("grin", rope_scaling=LONGROPE_SCALING, sliding_window=None)
         long_phimoe = as_phimoe(long_model, folder / "longrope")
         short_prompt = prompt(batch=2, length=5)
         ours = generate(long_model, short_prompt)

@@ -63,6 +63,17 @@ TINY_SIZES = {
 }
 
 
+# Phi-3.5-MoE's longrope scheme at tiny size: the original context of 8 tokens is outgrown by the tests' sequences.
+LONGROPE_SCALING = {
+    "type": "longrope",
+    "short_factor": [1.0, 1.2, 1.5, 2.0],
+    "long_factor": [1.5, 2.5, 4.0, 8.0],
+    "short_mscale": 1.1,
+    "long_mscale": 1.243163121016122,
+    "original_max_position_embeddings": 8,
+}
+
+
 def tiny_config(**overrides) -> GrinMoeConfig:
     return GrinMoeConfig(**{**TINY_SIZES, **overrides})
 

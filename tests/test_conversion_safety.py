@@ -13,20 +13,12 @@ import sys
 import pytest
 import torch
 from conftest import tiny_model
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_conversion import tensors
 
 import modeling_grin.conversion as conversion
 from modeling_grin.cli import main
 from modeling_grin.conversion import ConversionError, convert_checkpoint
-
-
-def tensors(folder):
-    out = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as reader:
-            out.update({name: reader.get_tensor(name) for name in reader.keys()})
-    return out
 
 
 def hidden_entries(folder):

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import assert_informative, informative_model, peak_weights_, rewrite_as_phimoe
+from conftest import LONGROPE_SCALING, assert_informative, informative_model, peak_weights_, rewrite_as_phimoe
 from test_mh_moe import tiny_mh_model
 from transformers import DynamicCache, PhimoeForCausalLM, pipeline
 
@@ -84,15 +84,7 @@ def test_greedy_with_left_padding_across_the_sliding_window_matches_phimoe_step_
 
 
 def test_longrope_generation_past_the_original_context_matches_phimoe(tmp_path):
-    rope_scaling = {  # Phi-3.5-MoE's scheme, with an original context of 8 tokens that generation outgrows
-        "type": "longrope",
-        "short_factor": [1.0, 1.2, 1.5, 2.0],
-        "long_factor": [1.5, 2.5, 4.0, 8.0],
-        "short_mscale": 1.1,
-        "long_mscale": 1.243163121016122,
-        "original_max_position_embeddings": 8,
-    }
-    model = informative_model(rope_scaling=rope_scaling, sliding_window=None)
+    model = informative_model(rope_scaling=LONGROPE_SCALING, sliding_window=None)
     model.save_pretrained(tmp_path)
     rewrite_as_phimoe(tmp_path)
     phimoe = PhimoeForCausalLM.from_pretrained(tmp_path).eval()

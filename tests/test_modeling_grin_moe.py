@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from conftest import informative_model, rewrite_as_phimoe, tiny_config, tiny_model
+from conftest import LONGROPE_SCALING, informative_model, rewrite_as_phimoe, tiny_config, tiny_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PhimoeForCausalLM
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -326,15 +326,7 @@ def test_input_jitter_is_applied_once(monkeypatch):
 
 
 def test_longrope_logits_match_phimoe(tmp_path):
-    rope_scaling = {
-        "type": "longrope",
-        "short_factor": [1.0, 1.2, 1.5, 2.0],
-        "long_factor": [1.5, 2.5, 4.0, 8.0],
-        "short_mscale": 1.1,
-        "long_mscale": 1.243163121016122,
-        "original_max_position_embeddings": 8,
-    }
-    model = tiny_model(rope_scaling=rope_scaling, sliding_window=None)
+    model = tiny_model(rope_scaling=LONGROPE_SCALING, sliding_window=None)
     model.save_pretrained(tmp_path)
     rewrite_as_phimoe(tmp_path)
     phimoe = PhimoeForCausalLM.from_pretrained(tmp_path).eval()
