@@ -384,6 +384,38 @@ def test_the_launch_config_check_rejects_what_it_should(tmp_path):
             check_launch_config(tmp_path / name, "self-test")
 
 
+def check_mutmut(arguments: list[str], where: str) -> None:
+    """`mutmut run [--max-children N] [MUTANT-GLOB ...]`, `mutmut results`, `mutmut show MUTANT`: mutmut is a dev
+    dependency in setup.cfg, pyproject.toml has its `[tool.mutmut]` section, and a mutant glob names a module it
+    mutates (`modeling_grin.losses*` for modeling_grin/losses.py)."""
+    import tomllib
+
+    requirements, _ = setup_requirements()
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    dev_lines = parser["options.extras_require"]["dev"].strip().splitlines()
+    dev = {Requirement(line.strip()).name.lower() for line in dev_lines}
+    assert "mutmut" in dev and "mutmut" in requirements, f"{where}: mutmut is not in the `dev` extra of setup.cfg"
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("mutmut")
+    assert config and config.get("only_mutate"), f"{where}: pyproject.toml has no [tool.mutmut] only_mutate"
+    for path in config["only_mutate"] + config.get("pytest_add_cli_args_test_selection", []):
+        assert (ROOT / path).is_file(), f"{where}: [tool.mutmut] names {path}, which does not exist"
+    modules = {path.removesuffix(".py").replace("/", ".") for path in config["only_mutate"]}
+    assert arguments and arguments[0] in ("run", "results", "show"), f"{where}: mutmut {' '.join(arguments)}"
+    names = arguments[1:]
+    if arguments[0] == "run" and names[:1] == ["--max-children"]:
+        assert len(names) >= 2 and names[1].isdigit(), f"{where}: --max-children N"
+        names = names[2:]
+    if arguments[0] == "results":
+        assert not names or names == ["--all", "true"], f"{where}: mutmut results [--all true]"
+        return
+    assert arguments[0] == "run" or len(names) == 1, f"{where}: mutmut show MUTANT"
+    for name in names:
+        assert not name.startswith("-"), f"{where}: unknown mutmut option {name}"
+        module = re.match(r"[\w.]+?(?=\*|\.x_|\.x\u01c1|$)", name)
+        assert module and module.group(0) in modules, f"{where}: {name} names no module of [tool.mutmut] only_mutate"
+
+
 def check_command(command: list[str], where: str) -> None:
     program, arguments = command[0], command[1:]
     if program == "grin-moe":
@@ -419,6 +451,8 @@ def check_command(command: list[str], where: str) -> None:
         check_script(arguments[0], arguments[1:], where)
     elif program == "accelerate" and arguments[:1] == ["launch"]:
         check_accelerate_launch(arguments[1:], where)
+    elif program == "mutmut":
+        check_mutmut(arguments, where)
     else:
         pytest.fail(f"{where}: unrecognised command `{' '.join(command)}`: teach tests/test_docs.py to check it")
 

@@ -74,3 +74,31 @@ def test_the_models_router_z_loss_leaves_out_padding():
     # The aux loss leaves the padding out too (this part of the loss is shared by both models).
     masked_rows = tuple(logits[rows] for logits in with_z.router_logits)
     assert torch.allclose(with_z.aux_loss, load_balancing_loss(masked_rows, 4, 2), rtol=0, atol=1e-6)
+
+
+def switch_loss_from_the_formula(layers, num_experts, top_k, mask=None):
+    """E * sum_i f_i * P_i over the concatenated non-padding rows of every layer, written out independently."""
+    rows = torch.cat(layers)
+    keep = torch.ones(rows.shape[0], dtype=torch.bool) if mask is None else mask.reshape(-1).bool().repeat(len(layers))
+    probs = rows[keep].softmax(-1)
+    routed = torch.nn.functional.one_hot(probs.topk(top_k, -1).indices, num_experts).sum(1).float()
+    return num_experts * (routed.mean(0) * probs.mean(0)).sum()
+
+
+def test_load_balancing_loss_is_the_switch_formula_over_layers_and_non_padding_rows():
+    # Mutation testing (docs/testing.md): the local loss's value and gradient against the formula, with a mask.
+    generator = torch.Generator().manual_seed(0)
+    layers = [(3 * torch.randn(10, 6, generator=generator)).requires_grad_(True) for _ in range(2)]
+    mask = torch.ones(2, 5)
+    mask[0, :2] = 0
+    loss = load_balancing_loss(tuple(layers), 6, 2, mask)
+    expected = switch_loss_from_the_formula(layers, 6, 2, mask)
+    assert torch.allclose(loss, expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(loss, switch_loss_from_the_formula(layers, 6, 2), rtol=1e-3, atol=0)  # mask matters
+    grads = torch.autograd.grad(loss, layers)
+    expected_grads = torch.autograd.grad(expected, layers)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        assert grad.abs().sum() > 0
+        assert torch.allclose(grad, expected_grad, rtol=1e-5, atol=1e-8)
+    assert load_balancing_loss(None, 6, 2) is None and load_balancing_loss((), 6, 2) is None
+    assert router_z_loss(None) is None and router_z_loss(()) is None

@@ -228,3 +228,36 @@ def test_softmax_topk(renormalize):
     if renormalize:
         expected = expected / expected.sum(-1, keepdim=True)
     assert torch.allclose(weights, expected, atol=1e-7)
+
+
+# Mutation testing (docs/testing.md): the boundaries of the argument checks and their messages.
+def test_three_dimensional_logits_raise_with_the_shape():
+    with pytest.raises(ValueError, match=r"2-D \[tokens, num_experts\], got shape \(2, 3, 8\)"):
+        sparsemixer_v2(torch.randn(2, 3, 8), 2, 0.01, training=False)
+
+
+def test_non_finite_message_says_what_to_check():
+    logits = torch.randn(4, 8)
+    logits[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^router logits contain NaN or inf; the hidden states feeding the router "
+                                         r"have diverged \(check the learning rate, the loss scale, or fp16 "
+                                         r"overflow\)$"):
+        sparsemixer_v2(logits, 2, 0.01, training=False)
+
+
+def test_zero_jitter_is_allowed_and_keeps_only_the_best_expert():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
+    weights, indices = sparsemixer_v2(logits, 1, 0.0, training=False)
+    assert indices.item() == 0 and weights.item() == 1.0
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.0])
+def test_heun_keep_prob_bounds_are_allowed(keep):
+    weights, _ = sparsemixer_v2(100 + torch.randn(32, 8), 2, 0.01, True, heun_keep_prob=keep)
+    assert torch.isfinite(weights).all()
+
+
+@pytest.mark.parametrize("keep", [-0.1, 1.5])
+def test_heun_keep_prob_out_of_range_raises_with_the_value(keep):
+    with pytest.raises(ValueError, match=rf"`heun_keep_prob` must be in \[0, 1\], got {keep}"):
+        sparsemixer_v2(torch.randn(3, 8), 2, 0.01, True, heun_keep_prob=keep)
