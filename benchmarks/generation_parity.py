@@ -18,8 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout; the tests' models and helpers
 
-from conftest import LONGROPE_SCALING, peak_weights_, rewrite_as_phimoe  # noqa: E402
-from test_generation import GREEDY, build, generate, left_padded, prompt  # noqa: E402
+from conftest import LONGROPE_SCALING, left_padded, peak_weights_, rewrite_as_phimoe  # noqa: E402
+from test_generation import GREEDY, build, generate, prompt  # noqa: E402
 from transformers import PhimoeForCausalLM  # noqa: E402
 
 CACHED_ONLY = ("cache_implementation", "assistant_model", "prompt_lookup_num_tokens")

@@ -18,6 +18,7 @@ A conversion refuses bad input before it writes anything and loses nothing (docs
   old output set aside just before the kill, restored) by the next conversion to the same destination.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -512,11 +513,9 @@ def _make_parents(folder: Path, created: list[Path]) -> None:
 def _remove_created(temporary: Path, created: list[Path]) -> None:
     """Undo a failed run: its temporary folder and the parents it created (when they are still empty)."""
     shutil.rmtree(temporary, ignore_errors=True)
-    for path in reversed(created):
-        try:
+    with contextlib.suppress(OSError):  # a folder someone else has put something in meanwhile stays, with its parents
+        for path in reversed(created):
             path.rmdir()
-        except OSError:
-            pass  # not empty: someone else uses it now
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -53,8 +53,7 @@ class SwiGLUExperts(nn.Module):
 def grouped_mm_takes_shape(experts: SwiGLUExperts, dtype: torch.dtype) -> bool:
     """torch's grouped GEMM needs every row of its operands to start on a 16-byte boundary: hidden and expert sizes
     that are multiples of 4 elements in fp32, 8 in bf16."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-    return all(size * element_size % 16 == 0 for size in (experts.hidden_dim, experts.intermediate_dim))
+    return all(size * dtype.itemsize % 16 == 0 for size in (experts.hidden_dim, experts.intermediate_dim))
 
 
 def grouped_mm_or_eager(self, hidden_states, top_k_index, top_k_weights):

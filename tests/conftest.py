@@ -88,6 +88,14 @@ def tiny_model(seed: int = 0, **overrides) -> GrinMoeForCausalLM:
     return model
 
 
+def left_padded(input_ids):
+    """Rows padded on the left by 0, 2, 4, ... tokens, as batched generation sees them."""
+    attention_mask = torch.ones_like(input_ids)
+    for row in range(input_ids.shape[0]):
+        attention_mask[row, : 2 * row] = 0
+    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
+
+
 @torch.no_grad()
 def peak_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Weights under which every token's context decides its prediction, so a lost cache changes the tokens.

@@ -284,15 +284,22 @@ def check_script(script: str, arguments: list[str], where: str) -> None:
     if not arguments:
         check_script_without_arguments(path, where)
         return
+    if not runs_until_parsed(path, arguments, f"{where}: `{script} {' '.join(arguments)}`"):
+        pytest.fail(f"{where}: {script} takes no arguments but the docs pass {arguments}")
+
+
+def runs_until_parsed(path: Path, arguments: list[str], described: str) -> bool:
+    """Run the script up to its `parse_args` of `arguments`: True once they parse, False if it never parses any;
+    arguments its parser rejects fail the test."""
     with parse_only():
         sys.argv[:] = [str(path), *arguments]
         try:
             runpy.run_path(str(path), run_name="__main__")
         except _Parsed:
-            return
+            return True
         except SystemExit as exit_:
-            pytest.fail(f"{where}: `{script} {' '.join(arguments)}` does not parse (exit {exit_.code})")
-    pytest.fail(f"{where}: {script} takes no arguments but the docs pass {arguments}")
+            pytest.fail(f"{described} does not parse (exit {exit_.code})")
+    return False
 
 
 def check_script_without_arguments(path: Path, where: str) -> None:
@@ -309,15 +316,8 @@ def check_script_without_arguments(path: Path, where: str) -> None:
                    and ast.unparse(node.value) == "sys.argv"]
         assert not indexed, f"{where}: {path.name} reads sys.argv without a parser"
         return
-    with parse_only():
-        sys.argv[:] = [str(path)]
-        try:
-            runpy.run_path(str(path), run_name="__main__")
-        except _Parsed:
-            return
-        except SystemExit as exit_:
-            pytest.fail(f"{where}: `{path.name}` without arguments does not parse (exit {exit_.code})")
-    pytest.fail(f"{where}: {path.name} builds a parser but never parses its arguments")
+    if not runs_until_parsed(path, [], f"{where}: `{path.name}` without arguments"):
+        pytest.fail(f"{where}: {path.name} builds a parser but never parses its arguments")
 
 
 def check_accelerate_launch(arguments: list[str], where: str) -> None:

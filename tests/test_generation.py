@@ -10,7 +10,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import LONGROPE_SCALING, assert_informative, informative_model, peak_weights_, rewrite_as_phimoe
+from conftest import (
+    LONGROPE_SCALING,
+    assert_informative,
+    informative_model,
+    left_padded,
+    peak_weights_,
+    rewrite_as_phimoe,
+)
 from test_mh_moe import tiny_mh_model
 from transformers import DynamicCache, PhimoeForCausalLM, pipeline
 
@@ -24,14 +31,6 @@ GREEDY = dict(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens
 
 def prompt(batch=3, length=PROMPT_LENGTH, seed=0, vocab=60):
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def left_padded(input_ids):
-    """Rows padded on the left by 0, 2, 4, ... tokens, as batched generation sees them."""
-    attention_mask = torch.ones_like(input_ids)
-    for row in range(input_ids.shape[0]):
-        attention_mask[row, : 2 * row] = 0
-    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
 
 
 def build(family: str, **overrides):

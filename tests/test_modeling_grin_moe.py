@@ -3,7 +3,7 @@ import logging
 
 import pytest
 import torch
-from conftest import LONGROPE_SCALING, informative_model, rewrite_as_phimoe, tiny_config, tiny_model
+from conftest import LONGROPE_SCALING, informative_model, left_padded, rewrite_as_phimoe, tiny_config, tiny_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PhimoeForCausalLM
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
@@ -15,14 +15,6 @@ from modeling_grin.modeling_grin_moe import GrinMoeExperts
 
 def inputs(batch=3, length=11, vocab=96, seed=0):
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def left_padded(input_ids):
-    """Left padding of different lengths per row, as batched generation produces."""
-    attention_mask = torch.ones_like(input_ids)
-    for row in range(input_ids.shape[0]):
-        attention_mask[row, : 2 * row] = 0
-    return input_ids.masked_fill(attention_mask == 0, 0), attention_mask
 
 
 @pytest.fixture
