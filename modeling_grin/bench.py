@@ -109,8 +109,18 @@ def _build(args, sizes: dict, implementation: str):
     index = scores.topk(top_k, dim=-1).indices.to(device)
     weights = torch.rand(tokens, top_k, generator=generator).to(device)
 
-    def step(x):
-        return module(x, index, weights)
+    if implementation == "grouped_mm":
+        # transformers' own (the peer): our models' `grouped_mm` runs our CPU path, the one `fused` runs there
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        transformers_grouped_mm = ALL_EXPERTS_FUNCTIONS["grouped_mm"]
+
+        def step(x):
+            return transformers_grouped_mm(module, x, index, weights)
+    else:
+
+        def step(x):
+            return module(x, index, weights)
 
     step.parameters = module.parameters
     return step, inputs

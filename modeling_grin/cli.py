@@ -56,7 +56,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import report
+    if args.whole_model:
+        from .model_bench import report
+    else:
+        from .bench import report
 
     report(args)
     return 0
@@ -215,14 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_command = commands.add_parser(
         "bench",
-        help="time one MoE layer's experts: fused vs transformers' eager/grouped_mm/batched_mm vs dense GEMMs",
+        help="time one MoE layer's experts (fused vs transformers' eager/grouped_mm/batched_mm vs dense GEMMs), or "
+        "whole models with --whole-model",
         description="Forward and forward+backward tokens/s and peak memory of every experts implementation at one "
         "layer shape, each in its own subprocess, in one run (read the ratios, not absolute times). --shape cpu is "
         "H=512, I=800, E=16, k=2, 2048 tokens; --shape grin is GRIN-MoE's layer (use with --device cuda).",
     )
     from .bench import add_arguments as add_bench_arguments  # light: argparse and torch only
+    from .model_bench import add_arguments as add_model_bench_arguments
 
     add_bench_arguments(bench_command)
+    bench_command.add_argument(
+        "--whole-model", action="store_true",
+        help="time whole models instead (modeling_grin.model_bench): training step, prefill and greedy decoding of "
+        "GrinMoe/MhMoe under each experts implementation vs transformers' Phimoe and a dense decoder, interleaved "
+        "round by round; options --model-shape, --workloads, --experts-implementations, --rounds, --batch, --length, "
+        "--threads")
+    add_model_bench_arguments(bench_command)
     bench_command.set_defaults(handler=_bench)
 
     card = commands.add_parser(

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .fused_experts import fused_experts_forward  # noqa: F401  (registers experts_implementation="fused")
+from .fused_experts import cpu_swiglu_experts, grouped_mm_takes_shape  # (registers experts_implementation="fused")
 
 
 class SwiGLUExperts(nn.Module):
@@ -50,22 +50,22 @@ class SwiGLUExperts(nn.Module):
         return output
 
 
-def grouped_mm_takes_shape(experts: SwiGLUExperts, dtype: torch.dtype) -> bool:
-    """torch's grouped GEMM needs every row of its operands to start on a 16-byte boundary: hidden and expert sizes
-    that are multiples of 4 elements in fp32, 8 in bf16."""
-    return all(size * dtype.itemsize % 16 == 0 for size in (experts.hidden_dim, experts.intermediate_dim))
+def default_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Our models' `grouped_mm` (the default experts implementation).
 
-
-def grouped_mm_or_eager(self, hidden_states, top_k_index, top_k_weights):
-    """transformers' grouped_mm, and the eager loop where torch's grouped GEMM cannot take the shape: configs that
-    validate (hidden size 30, expert size 47, MH-MoE sub-tokens of 2) would otherwise fail with "strides should be
-    multiple of 16 bytes" on the default implementation."""
+    On the CPU: `cpu_swiglu_experts`, the fastest path measured in whole models (docs/benchmarks.md): few routed
+    pairs touch only the experts that were hit, others run the sorted rows of `fused_experts.py`; any hidden and
+    expert size. Elsewhere transformers' grouped_mm, and the eager loop where torch's grouped GEMM cannot take the
+    shape: configs that validate (hidden size 30, expert size 47, MH-MoE sub-tokens of 2) would otherwise fail with
+    "strides should be multiple of 16 bytes"."""
+    if hidden_states.device.type == "cpu":
+        return cpu_swiglu_experts(self, hidden_states, top_k_index, top_k_weights)
     if grouped_mm_takes_shape(self, hidden_states.dtype):
-        # Looked up per call, as transformers' own models do: a kernel (or a test) may register another grouped_mm.
+        # Looked up per call, as transformers' own models do: a kernel may register another grouped_mm.
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     return SwiGLUExperts.forward(self, hidden_states, top_k_index, top_k_weights)
 
 
-# The experts implementations our models dispatch through: transformers' own, with grouped_mm made shape-safe.
+# The experts implementations our models dispatch through: transformers' own, with grouped_mm replaced by ours.
 EXPERTS_FUNCTIONS = ExpertsInterface()
-EXPERTS_FUNCTIONS["grouped_mm"] = grouped_mm_or_eager
+EXPERTS_FUNCTIONS["grouped_mm"] = default_experts_forward

@@ -1,16 +1,13 @@
 """The `fused` experts implementation: (token, expert) pairs sorted once, one GEMM per expert, a hand-written backward.
 
 The N = tokens x top_k routed pairs are laid out as expert-contiguous *rows* (a `_Plan`, built once per call and
-reused by the backward), in one of two layouts:
-
-* batched: every expert gets the same number M of rows (the largest expert load; pad rows carry routing weight 0),
-  so every GEMM is one `torch.bmm` over the experts' 3-D weights (views, never copies). On CPU this runs whole
-  per-expert GEMMs on each thread instead of splitting each small GEMM over the threads, which is what makes it
-  faster than a loop of per-expert GEMMs or `torch._grouped_mm` (see `PADDING_SLACK`). It costs E x M - N extra rows.
-* looped: the sorted pairs exactly (no padding), one `torch.mm` per expert that was hit, over its contiguous slice,
-  written in place (`out=`); empty experts cost nothing. Used when padding would waste too much: skewed routing and
-  small batches (decode: 1 token x top-2 touches 2 experts, the batched layout would read all 16).
-  On CUDA the looped layout runs `torch._grouped_mm` (no host synchronisation).
+again by the backward), exactly N of them: no padding. On CUDA every GEMM over the rows is one `torch._grouped_mm`
+(no host synchronisation); on the CPU one `torch.mm` per expert that was hit, over its contiguous slice, written in
+place (`out=`), so empty experts cost nothing. (A padded layout, one `bmm` over all experts with E x largest-load
+rows, was faster on one balanced layer but lost 1.5-2.5x the FLOPs to padding in whole models, whose routing is
+never balanced: see docs/benchmarks.md.)
+Few pairs (decoding) take `few_pairs_swiglu_experts` instead, on the CPU only: it touches only the experts that were
+hit, without the plan's sort.
 Expert ids >= E are the sentinels of transformers' expert parallelism (the pair's expert lives on another rank): they
 get no row and no compute, their (token, slot) output is zero and so is their routing-weight gradient.
 
@@ -35,37 +32,15 @@ import re
 import torch
 from torch import nn
 from transformers.activations import ACT2FN, SiLUActivation
-from transformers.integrations.moe import ExpertsInterface
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from .triton_experts import runs_here, triton_swiglu_experts
 
-# The batched (padded `bmm`) layout is used when E x M padded rows are at most PADDING_SLACK x the N routed pairs and
-# torch runs more than one thread; otherwise the looped one. Measured on this project's 2-core CPU (shared with other
-# jobs, so medians of 4-30 interleaved runs; fp32, H=512, I=800, E=16, top-2), batched vs looped:
-#   forward, 2 threads:  T=1 (pad 8.0) 17-20 vs 1.8-3.3 ms; T=2 (4.0) 24 vs 8-9 ms; T=4 (4.0) 28-30 vs 38-40 ms;
-#                        T=8 (3.0) 26-47 vs 29-204 ms; T=32 (1.75) 42-52 vs 81-404 ms; T=64 (1.75) 75-112 vs 352-761 ms
-#   forward+backward, 2 threads, 1024 tokens, skewed routing: pad 1.23: 867-1824 vs 1837-3488 ms; 1.73: 1129 vs
-#                        1905; 2.56: 1492-1672 vs 1517-1957; 3.39: 1887-2319 vs 1992-2138; 3.98: 2154-2639 vs
-#                        2029-2089; 5.08: 2709-3240 vs 1040-1726 ms
-#   one thread: the loop is never slower (forward T=1..128: 2.0-42 vs 10-47 ms; 1024 tokens fwd+bwd pad 1.23: 588
-#                        vs 705 ms; 2.56: 570 vs 1318 ms), so a single-threaded run always loops.
-# With two threads each small per-expert GEMM is split over both threads and waits in their barriers, which a busy
-# machine makes expensive; one bmm over 16 experts gives each thread whole GEMMs. Between pad 2.5 and 4 the two
-# layouts are within the noise; below 2 the batched one wins every run, above 4 the loop does.
-PADDING_SLACK = 3.0
-
-
-def use_batched_layout(num_experts: int, largest_load: int, num_pairs: int, num_threads: int | None = None) -> bool:
-    """The CPU layout choice: batched (padded bmm) or looped (one mm per expert that was hit), see PADDING_SLACK."""
-    num_threads = torch.get_num_threads() if num_threads is None else num_threads
-    return num_threads > 1 and num_experts * largest_load <= PADDING_SLACK * num_pairs
-
 
 class _Plan:
-    """Where each routed pair lives in the row buffers: built by the forward, and again by the backward."""
+    """Where each routed pair lives in the row buffer: built by the forward, and again by the backward."""
 
-    def __init__(self, expert_index, routing_weights, num_experts: int, dtype, num_rows: int | None = None):
-        """`num_rows`: the row count of the forward's plan, given by the backward to get the same layout again."""
+    def __init__(self, expert_index, routing_weights, num_experts: int, dtype):
         num_tokens, top_k = expert_index.shape
         num_pairs = num_tokens * top_k
         device = expert_index.device
@@ -74,82 +49,47 @@ class _Plan:
         flat_index = expert_index.reshape(-1).clamp(max=num_experts)
         # Plain index_select / scatter_ below: advanced indexing (tensor[index]) of a few thousand elements costs
         # milliseconds on the CPU (it is spread over the threads), index_select microseconds.
-        sorted_expert, order = torch.sort(flat_index, stable=True)  # order: sorted position -> pair
-        counts = torch.bincount(flat_index, minlength=num_experts + 1)[:num_experts]
+        order = torch.sort(flat_index, stable=True)[1]  # sorted position (= row) -> pair
+        counts = torch.bincount(flat_index, minlength=num_experts + 1)
         self.num_tokens, self.top_k, self.num_experts = num_tokens, top_k, num_experts
         self.on_cpu = device.type == "cpu"
-        self.batched = False
-        if self.on_cpu:
-            counts_list = counts.tolist()
-            self.bounds = [0, *itertools.accumulate(counts_list)]
-            num_routed = self.bounds[-1]
-            most = max(counts_list)
-            if num_rows is None:
-                self.batched = num_routed > 0 and use_batched_layout(num_experts, most, num_routed)
-            else:  # (when E x M == N the two layouts are the same rows in the same order)
-                self.batched = num_rows != num_routed
-            self.skipped = (flat_index == num_experts).unsqueeze(1) if num_routed < num_pairs else None
-            order, sorted_expert = order[:num_routed], sorted_expert[:num_routed]
+        if self.on_cpu:  # host reads cost no synchronisation here: rows of the experts that were hit, as slices
+            loads = counts.tolist()
+            ends = list(itertools.accumulate(loads))
+            self.expert_rows = [(expert, ends[expert] - load, ends[expert])
+                                for expert, load in enumerate(loads[:num_experts]) if load]
+            self.num_rows = ends[num_experts - 1]
+            self.skipped = (flat_index == num_experts).unsqueeze(1) if self.num_rows < num_pairs else None
+            order = order[: self.num_rows]
         else:  # no host synchronisation: sentinel rows stay at the tail, where grouped_mm never reads or writes
-            self.offsets = counts.cumsum(0).to(torch.int32)
-            num_routed = num_pairs
+            self.offsets = counts[:num_experts].cumsum(0).to(torch.int32)
+            self.num_rows = num_pairs
             self.skipped = (flat_index == num_experts).unsqueeze(1)
-        sorted_weights = routing_weights.reshape(-1).index_select(0, order).to(dtype)
-        positions = torch.arange(num_routed, device=device)
-        if self.batched:
-            self.rows_per_expert = most
-            self.num_rows = num_experts * most
-            # sorted position p of expert e (which starts at s_e) goes to row e * M + p - s_e
-            shift = torch.arange(num_experts, device=device) * most - (counts.cumsum(0) - counts)
-            row_of_sorted = positions + shift.index_select(0, sorted_expert)
-            # Pad rows read token 0, carry weight 0 and are then zeroed (`pad_rows`): zero inputs and zero gradient
-            # rows stay zero through every GEMM, so pads add exact zeros to the weight gradients, whatever the data.
-            self.row_token = order.new_zeros(self.num_rows).scatter_(0, row_of_sorted, order // top_k)
-            is_pad = torch.ones(self.num_rows, dtype=torch.bool, device=device).index_fill_(0, row_of_sorted, False)
-            self.pad_rows = is_pad.nonzero().squeeze(1)
-            self.row_weight = sorted_weights.new_zeros(self.num_rows).scatter_(0, row_of_sorted, sorted_weights)
-        else:
-            self.num_rows = num_routed
-            self.row_token = order // top_k
-            self.row_weight = sorted_weights
-            row_of_sorted = positions
-        self.pair_row = order.new_zeros(num_pairs).scatter_(0, order, row_of_sorted)  # sentinels: row 0, zeroed
+        self.row_token = order // top_k
+        self.row_weight = routing_weights.reshape(-1).index_select(0, order).to(dtype)
+        rows = torch.arange(self.num_rows, device=device)
+        self.pair_row = order.new_zeros(num_pairs).scatter_(0, order, rows)  # sentinels: row 0, zeroed
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor[token(r)]` for every row r, zero on pad rows."""
-        rows = tensor.index_select(0, self.row_token)
-        if self.batched:
-            rows.index_fill_(0, self.pad_rows, 0)
-        return rows
+        """`tensor[token(r)]` for every row r."""
+        return tensor.index_select(0, self.row_token)
 
     def rows_matmul(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """rows of expert e times `weight[e]`: [R, K] x [E, K, M] -> [R, M]."""
-        if self.batched:
-            out = rows.new_empty(self.num_rows, weight.shape[2])
-            shape = (self.num_experts, self.rows_per_expert, -1)
-            torch.bmm(rows.view(shape), weight, out=out.view(shape))
-            return out
         if not self.on_cpu:
             return torch._grouped_mm(rows, weight, offs=self.offsets)
         out = rows.new_empty(self.num_rows, weight.shape[2])
-        for expert, (start, end) in enumerate(itertools.pairwise(self.bounds)):
-            if end > start:
-                torch.mm(rows[start:end], weight[expert], out=out[start:end])
+        for expert, start, end in self.expert_rows:
+            torch.mm(rows[start:end], weight[expert], out=out[start:end])
         return out
 
     def weight_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """Per expert `left_e^T @ right_e`: [R, K1], [R, K2] -> [E, K1, K2] (zero for experts with no rows)."""
-        if self.batched:
-            shape = (self.num_experts, self.rows_per_expert)
-            return torch.bmm(left.view(*shape, -1).transpose(1, 2), right.view(*shape, -1))
         if not self.on_cpu:
             return torch._grouped_mm(left.t(), right, offs=self.offsets)
-        out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])
-        for expert, (start, end) in enumerate(itertools.pairwise(self.bounds)):
-            if end > start:
-                torch.mm(left[start:end].t(), right[start:end], out=out[expert])
-            else:
-                out[expert].zero_()
+        out = left.new_zeros(self.num_experts, left.shape[1], right.shape[1])
+        for expert, start, end in self.expert_rows:
+            torch.mm(left[start:end].t(), right[start:end], out=out[expert])
         return out
 
     def rows_to_pairs(self, rows: torch.Tensor) -> torch.Tensor:
@@ -224,7 +164,7 @@ def _sorted_experts(
 
 @_sorted_experts.register_fake
 def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation):
-    num_rows = torch.library.get_ctx().new_dynamic_size()  # N routed pairs, or E x M in the batched layout
+    num_rows = torch.library.get_ctx().new_dynamic_size()  # the routed pairs (N less the sentinels on the CPU)
     return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(num_rows, gate_up_proj.shape[1])
 
 
@@ -243,7 +183,7 @@ def _sorted_experts_backward(
     """-> gradients w.r.t. hidden_states, routing_weights, gate_up_proj, down_proj (empty where `needs` is False)."""
     need_hidden, need_weights, need_gate_up, need_down = needs
     dtype, act_fn = gate_up.dtype, ACT2FN[activation]
-    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype, num_rows=gate_up.shape[0])
+    plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
     nothing = grad_output.new_empty(0)
     grad_hidden = grad_routing = grad_gate_up_proj = grad_down = nothing
 
@@ -318,6 +258,64 @@ def sorted_swiglu_experts(
     return _sorted_experts(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, activation)[0]
 
 
+def grouped_mm_takes_shape(experts, dtype: torch.dtype) -> bool:
+    """torch's grouped GEMM needs every row of its operands to start on a 16-byte boundary: hidden and expert sizes
+    that are multiples of 4 elements in fp32, 8 in bf16."""
+    return all(size * dtype.itemsize % 16 == 0 for size in (experts.hidden_dim, experts.intermediate_dim))
+
+
+def few_pairs_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The experts' output for a few routed pairs (decoding), on the CPU: the same sum as the eager forward, with one
+    GEMV pair per routed pair and the rest batched over the pairs, so that only the experts that were hit are touched
+    and a decoded token costs few kernel launches (what it pays for at these sizes: 2N + 5 for N pairs, against one
+    GEMM per expert, hit or not, and a sort in transformers' grouped_mm). The expert ids are read on the host, which
+    costs no synchronisation on the CPU. Expert-parallel sentinels (ids >= E) contribute zeros, as everywhere."""
+    num_tokens, top_k = top_k_index.shape
+    pair_experts = top_k_index.reshape(-1).tolist()
+    if min(pair_experts) >= experts.num_experts:  # only sentinels: the sorted path's zeros carry (zero) gradients
+        return sorted_swiglu_experts(hidden_states, top_k_weights, top_k_index, experts.gate_up_proj,
+                                     experts.down_proj, experts.config.hidden_act)
+    gate_up_rows = [
+        nn.functional.linear(hidden_states[pair // top_k].unsqueeze(0), experts.gate_up_proj[expert])
+        if expert < experts.num_experts else hidden_states.new_zeros(1, experts.gate_up_proj.shape[1])  # h = 0
+        for pair, expert in enumerate(pair_experts)
+    ]
+    gate, up = torch.cat(gate_up_rows).chunk(2, dim=-1)
+    activated = experts.act_fn(gate) * up
+    outputs = torch.cat([
+        nn.functional.linear(activated[pair].unsqueeze(0), experts.down_proj[expert])
+        if expert < experts.num_experts else hidden_states.new_zeros(1, hidden_states.shape[1])
+        for pair, expert in enumerate(pair_experts)
+    ])
+    weighted = torch.bmm(top_k_weights.to(outputs.dtype).unsqueeze(1), outputs.view(num_tokens, top_k, -1))
+    return weighted.squeeze(1).to(hidden_states.dtype)
+
+
+# At most this many routed pairs per expert (on average) take `few_pairs_swiglu_experts`. Measured on the CPU (medians
+# of 30 interleaved calls, docs/benchmarks.md "Whole models"), few-pairs vs transformers' grouped_mm vs sorted rows:
+# H=256, I=400, E=16, k=2: 1 token 323 vs 691 vs 485 us, 4 tokens 1372 vs 1614 vs 1857 us, 8 tokens 2481 vs 2519 vs
+# 2838 us; H=512, I=800: 1 token 816 vs 1060 vs 907 us, 4 tokens 3245 vs 3479 vs 3622 us, 8 tokens 5868 vs 5355 vs
+# 5575 us; the MH-MoE benchmark shape (sub-tokens of 64, I=128, E=24, k=3), one token: 427 vs 529 vs 731 us.
+FEW_PAIRS_PER_EXPERT = 0.5
+
+
+def cpu_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The CPU path of our models' default (`grouped_mm`) and of `fused`, each case the fastest measured:
+    `few_pairs_swiglu_experts` when decoding touches a few experts; for training the sorted rows with the hand-written
+    backward (as fast as transformers' grouped_mm and keeping half the memory for the backward); for inference over
+    more tokens transformers' grouped_mm (3-6 % faster than the sorted rows there), or the sorted rows where torch's
+    grouped GEMM cannot take the shape."""
+    few_pairs = top_k_index.numel() <= FEW_PAIRS_PER_EXPERT * experts.num_experts
+    if few_pairs and not torch.compiler.is_compiling():  # (the host read would break a compiled graph)
+        return few_pairs_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights)
+    tensors = (hidden_states, top_k_weights, experts.gate_up_proj, experts.down_proj)
+    needs_backward = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+    if not needs_backward and grouped_mm_takes_shape(experts, hidden_states.dtype):
+        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_states, top_k_index, top_k_weights)
+    return sorted_swiglu_experts(hidden_states, top_k_weights, top_k_index, experts.gate_up_proj, experts.down_proj,
+                                 experts.config.hidden_act)
+
+
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """`experts_implementation="fused"`: Triton kernels for SiLU experts on CUDA (`triton_experts.py`), otherwise the
     sorted per-expert GEMM path above."""
@@ -329,6 +327,8 @@ def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return triton_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
         )
+    if hidden_states.device.type == "cpu":
+        return cpu_swiglu_experts(self, hidden_states, top_k_index, top_k_weights)
     return sorted_swiglu_experts(
         hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj, self.config.hidden_act
     )

@@ -67,6 +67,27 @@ def _check_routing_inputs(logits: torch.Tensor, top_k: int) -> None:
         torch._assert_async(torch.isfinite(logits).all(), message)
 
 
+def _sparsemixer_v2_eval(scores: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode SparseMixer-v2 on fp32 scores: the argmax of each slot, weighted by the masked softmax, all slots'
+    masks and softmaxes taken at once ([T, k, E]) instead of slot by slot: the same elementwise operations, so the
+    same bits, in half the kernel launches (what a decoded token pays for in every MoE layer)."""
+    remaining, remainings, best_logits, choices = scores, [], [], []
+    for slot in range(top_k):  # the slots' argmaxes: ties broken as the slot-by-slot loop breaks them
+        remainings.append(remaining)
+        with torch.no_grad():
+            best_logit, choice = remaining.max(dim=-1, keepdim=True)
+        best_logits.append(best_logit)
+        choices.append(choice)
+        if slot + 1 < top_k:
+            remaining = remaining.scatter(-1, choice, float("-inf"))
+    best_logit, indices = torch.stack(best_logits, dim=1), torch.cat(choices, dim=-1)  # [T, k, 1], [T, k]
+    with torch.no_grad():
+        scale = scores.abs().unsqueeze(1).clamp(min=best_logit)
+        outside = (best_logit - scores.unsqueeze(1)) / scale > 2 * jitter_eps
+    candidates = torch.stack(remainings, dim=1).masked_fill(outside, float("-inf"))
+    return candidates.softmax(dim=-1).gather(-1, indices.unsqueeze(-1)).squeeze(-1), indices
+
+
 def sparsemixer_v2(
     logits: torch.Tensor,
     top_k: int,
@@ -101,28 +122,27 @@ def sparsemixer_v2(
 
     with torch.autocast(device_type=logits.device.type, enabled=False):
         scores = logits.float()
+        if not training:
+            weights, indices = _sparsemixer_v2_eval(scores, top_k, jitter_eps)
+            return weights.to(logits.dtype), indices
         remaining = scores  # logits with the experts already chosen for this token set to -inf
         weights, indices = [], []
         for _ in range(top_k):
             with torch.no_grad():
-                best_logit, best_expert = remaining.max(dim=-1, keepdim=True)
+                best_logit = remaining.max(dim=-1, keepdim=True)[0]
                 scale = scores.abs().clamp(min=best_logit)
                 outside = (best_logit - scores) / scale > 2 * jitter_eps
             candidates = remaining.masked_fill(outside, float("-inf"))
-            if training:
-                with torch.no_grad():
-                    gumbel = candidates - _exponential_like(candidates, generator).log()
-                    choice = gumbel.max(dim=-1, keepdim=True)[1]
-                    probs = candidates.softmax(dim=-1)
-                    weight = probs.gather(-1, choice)
-                    keep = (choice == probs.max(dim=-1, keepdim=True)[1]) | (
-                        _uniform_like(weight, generator) > 1 - heun_keep_prob
-                    )
-                    heun_factor = torch.add(_HEUN_LOW, keep, alpha=_HEUN_SPAN).type_as(probs)
-                weight = SparseMixerGradient.apply(scores, weight, choice, probs, heun_factor)
-            else:
-                choice = best_expert
-                weight = candidates.softmax(dim=-1).gather(-1, choice)
+            with torch.no_grad():
+                gumbel = candidates - _exponential_like(candidates, generator).log()
+                choice = gumbel.max(dim=-1, keepdim=True)[1]
+                probs = candidates.softmax(dim=-1)
+                weight = probs.gather(-1, choice)
+                keep = (choice == probs.max(dim=-1, keepdim=True)[1]) | (
+                    _uniform_like(weight, generator) > 1 - heun_keep_prob
+                )
+                heun_factor = torch.add(_HEUN_LOW, keep, alpha=_HEUN_SPAN).type_as(probs)
+            weight = SparseMixerGradient.apply(scores, weight, choice, probs, heun_factor)
             weights.append(weight)
             indices.append(choice)
             remaining = remaining.scatter(-1, choice, float("-inf"))

@@ -4,19 +4,20 @@ import pytest
 import torch
 from conftest import tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 import modeling_grin.fused_experts as fused_experts
 from modeling_grin.modeling_grin_moe import GrinMoeExperts
 
-LAYOUTS = ["batched", "looped"]
+LAYOUTS = ["sorted", "few_pairs"]
 
 
 @pytest.fixture
 def layout(request, monkeypatch):
-    """Force one of the two CPU layouts (`auto` keeps the measured policy)."""
+    """Force one of the two CPU paths, the sorted rows or the few-pairs (decoding) path (`auto` keeps the policy)."""
     choice = request.param
     if choice != "auto":
-        monkeypatch.setattr(fused_experts, "use_batched_layout", lambda *args, **kwargs: choice == "batched")
+        monkeypatch.setattr(fused_experts, "FEW_PAIRS_PER_EXPERT", float("inf") if choice == "few_pairs" else 0.0)
     return choice
 
 
@@ -30,11 +31,15 @@ def make_experts(num_experts=8, top_k=2, hidden_act="silu", seed=0):
 
 
 def run(experts, implementation, hidden, index, weights):
-    experts.config._experts_implementation = implementation
+    """Output and gradients of `experts` under `implementation`: a name, or an experts forward function."""
     hidden = hidden.clone().requires_grad_(True)
     weights = weights.clone().requires_grad_(True)
     experts.zero_grad()
-    output = experts(hidden, index, weights)
+    if callable(implementation):
+        output = implementation(experts, hidden, index, weights)
+    else:
+        experts.config._experts_implementation = implementation
+        output = experts(hidden, index, weights)
     upstream = torch.randn(output.shape, generator=torch.Generator().manual_seed(1))
     (output * upstream).sum().backward()
     return {
@@ -82,7 +87,7 @@ def test_all_tokens_to_one_expert_and_empty_experts(layout):
 def test_skewed_routing_with_one_overloaded_expert(layout):
     experts = make_experts(top_k=2)
     index, weights = random_routing(50, 8, 2, seed=3)
-    index[:30, 0] = 6  # expert 6 takes 30+ of the 100 pairs: heavy padding in the batched layout
+    index[:30, 0] = 6  # expert 6 takes 30+ of the 100 pairs
     index[:30, 1] = torch.where(index[:30, 1] == 6, 1, index[:30, 1])
     assert_matches_eager(experts, torch.randn(50, 32), index, weights)
 
@@ -92,21 +97,6 @@ def test_other_activations_use_their_own_derivative(layout):
     experts = make_experts(hidden_act="gelu")
     index, weights = random_routing(30, 8, 2)
     assert_matches_eager(experts, torch.randn(30, 32), index, weights)
-
-
-def test_pad_rows_do_not_leak_non_finite_values_into_other_experts():
-    """Batched pad rows read token 0; an overflowing token 0 must not turn into inf/nan in other experts' gradients."""
-    experts = make_experts()
-    hidden = torch.randn(40, 32)
-    hidden[0] = 1e30
-    index = torch.tensor([[0, 1]] + [[2, 3]] * 39)
-    weights = torch.rand(40, 2)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused_experts, "use_batched_layout", lambda *args, **kwargs: True)
-        grads = run(experts, "fused", hidden, index, weights)
-    for name in ("gate_up_proj", "down_proj"):
-        assert torch.isfinite(grads[name][2:4]).all(), name
-        assert (grads[name][4:] == 0).all(), name  # experts nobody routed to: only pad rows
 
 
 def with_sentinels(index, num_experts, seed=0):
@@ -147,19 +137,24 @@ def test_sentinels_match_transformers_grouped_mm_under_expert_parallelism():
     weights = weights.masked_fill(index >= 8, 0.0)  # what transformers' dispatch hands the experts
     experts._is_expert_parallel = True
     hidden = torch.randn(48, 32)
-    reference = run(experts, "grouped_mm", hidden, index, weights)
+    reference = run(experts, ALL_EXPERTS_FUNCTIONS["grouped_mm"], hidden, index, weights)
     fused = run(experts, "fused", hidden, index, weights)
     for name, expected in reference.items():
         assert (fused[name] - expected).abs().max() / expected.abs().max().clamp(min=1e-6) <= 1e-5, name
 
 
-def test_layout_policy_small_batches_loop_balanced_batches_pad():
-    choose = fused_experts.use_batched_layout
-    assert not choose(16, 1, 2, num_threads=2)  # decode, one token x top-2: 2 experts read instead of 16
-    assert not choose(16, 1, 4, num_threads=2)  # two tokens
-    assert choose(16, 277, 4096, num_threads=2)  # 2048 tokens, uniform routing: 8 % padding
-    assert not choose(16, 4096, 4096, num_threads=2)  # everything on one expert
-    assert not choose(16, 277, 4096, num_threads=1)  # one thread: whole-GEMM parallelism buys nothing
+def test_few_pairs_path_is_taken_for_one_decoded_token_only(monkeypatch):
+    """The policy: up to half a pair per expert (1 or 2 tokens x top-2 of 16 experts) takes the few-pairs path, 8
+    tokens do not."""
+    taken = []
+    original = fused_experts.few_pairs_swiglu_experts
+    monkeypatch.setattr(fused_experts, "few_pairs_swiglu_experts", lambda *args: taken.append(1) or original(*args))
+    experts = make_experts(num_experts=16)
+    experts.config._experts_implementation = "fused"
+    for tokens, expected in ((1, 1), (2, 2), (8, 2)):
+        index, weights = random_routing(tokens, 16, 2, seed=tokens)
+        experts(torch.randn(tokens, 32), index, weights)
+        assert len(taken) == expected, tokens
 
 
 @pytest.mark.parametrize("layout", ["auto"], indirect=True)

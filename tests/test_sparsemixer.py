@@ -261,3 +261,36 @@ def test_heun_keep_prob_bounds_are_allowed(keep):
 def test_heun_keep_prob_out_of_range_raises_with_the_value(keep):
     with pytest.raises(ValueError, match=rf"`heun_keep_prob` must be in \[0, 1\], got {keep}"):
         sparsemixer_v2(torch.randn(3, 8), 2, 0.01, True, heun_keep_prob=keep)
+
+
+def slot_by_slot_eval(logits, top_k, jitter_eps):
+    """The eval rule written out one slot at a time (as the paper's Algorithm 3 reads): the reference for the
+    batched eval path."""
+    scores, weights, indices = logits.float(), [], []
+    remaining = scores
+    for _ in range(top_k):
+        best_logit, choice = remaining.max(dim=-1, keepdim=True)
+        outside = (best_logit - scores) / scores.abs().clamp(min=best_logit) > 2 * jitter_eps
+        weights.append(remaining.masked_fill(outside, float("-inf")).softmax(dim=-1).gather(-1, choice))
+        indices.append(choice)
+        remaining = remaining.scatter(-1, choice, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(indices, dim=-1)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+def test_eval_path_equals_the_slot_by_slot_rule_bit_for_bit_with_its_gradient(top_k):
+    """All slots at once ([T, k, E]) gives the same bits, the same tie-breaking and the same logit gradient."""
+    logits = logits_with_ties(tokens=300, experts=8, seed=top_k)  # ends with rows of eight tied zeros
+    upstream = torch.randn(logits.shape[0], top_k, generator=torch.Generator().manual_seed(0))
+    results = []
+    for function in (lambda x: sparsemixer_v2(x, top_k, 0.01, training=False),
+                     lambda x: slot_by_slot_eval(x, top_k, 0.01)):
+        leaf = logits.clone().requires_grad_(True)
+        weights, indices = function(leaf)
+        (weights * upstream).sum().backward()
+        results.append((weights.detach(), indices, leaf.grad))
+    (weights, indices, grad), (expected_weights, expected_indices, expected_grad) = results
+    assert torch.equal(indices, expected_indices)
+    assert torch.equal(weights, expected_weights)
+    assert torch.equal(grad, expected_grad)
+    assert (grad != 0).any()
