@@ -155,6 +155,38 @@ def test_static_cache_equals_uncached(family_model):
                                             cache_implementation="static"))
 
 
+def test_compiled_static_cache_decoding_is_one_graph_and_equals_uncached(family_model):
+    """`generate` with a static cache compiles the decoding step with fullgraph=True (a graph break would raise),
+    with the default and the fused experts, and decodes the uncached tokens. (`eager`, the readable reference, skips
+    unrouted experts with a data-dependent branch and is not meant to compile.)"""
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def counting_aot_eager(graph_module, example_inputs, **options):  # (CompileConfig passes mode= along)
+        graphs.append(graph_module)
+        return torch._dynamo.lookup_backend("aot_eager")(graph_module, example_inputs)
+
+    assert type(family_model)._can_compile_fullgraph
+    input_ids, attention_mask = left_padded(prompt())
+    uncached = generate(family_model, input_ids, attention_mask=attention_mask, use_cache=False)
+    for implementation in ("grouped_mm", "fused"):
+        family_model.set_experts_implementation(implementation)
+        graphs.clear()
+        compile_config = CompileConfig(fullgraph=True, backend=counting_aot_eager)
+        compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+        torch._dynamo.reset()
+        try:
+            compiled = generate(family_model, input_ids, attention_mask=attention_mask,
+                                cache_implementation="static", compile_config=compile_config)
+        finally:
+            torch._dynamo.reset()
+            family_model.set_experts_implementation("grouped_mm")
+            del family_model._compiled_call
+        assert graphs, implementation  # the decoding steps ran compiled
+        assert_same_decoding(uncached, compiled)
+
+
 def test_assisted_decoding_gives_the_greedy_tokens(family_model):
     input_ids = prompt(batch=1)
     family = "mh_moe" if isinstance(family_model, MhMoeForCausalLM) else "grin"
