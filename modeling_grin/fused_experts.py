@@ -58,6 +58,7 @@ class _Plan:
             ends = list(itertools.accumulate(loads))
             self.expert_rows = [(expert, ends[expert] - load, ends[expert])
                                 for expert, load in enumerate(loads[:num_experts]) if load]
+            self.unrouted_experts = [expert for expert, load in enumerate(loads[:num_experts]) if not load]
             self.num_rows = ends[num_experts - 1]
             self.skipped = (flat_index == num_experts).unsqueeze(1) if self.num_rows < num_pairs else None
             order = order[: self.num_rows]
@@ -87,9 +88,11 @@ class _Plan:
         """Per expert `left_e^T @ right_e`: [R, K1], [R, K2] -> [E, K1, K2] (zero for experts with no rows)."""
         if not self.on_cpu:
             return torch._grouped_mm(left.t(), right, offs=self.offsets)
-        out = left.new_zeros(self.num_experts, left.shape[1], right.shape[1])
+        out = left.new_empty(self.num_experts, left.shape[1], right.shape[1])  # (zero-filling it all cost 9 %)
         for expert, start, end in self.expert_rows:
             torch.mm(left[start:end].t(), right[start:end], out=out[expert])
+        for expert in self.unrouted_experts:
+            out[expert].zero_()
         return out
 
     def rows_to_pairs(self, rows: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,12 @@ by its FLOPs-parity dense FFN (`moe_layer_frequency=0`).
 
 Workloads: `train` (forward + backward + AdamW on batch x length tokens, training-mode routing), `prefill` (one
 no-grad forward of batch x length tokens filling a cache), `decode1` / `decode8` (greedy `generate`, batch 1 / 8,
-a 32-token prompt, 48 new tokens, always 48).
+a 32-token prompt, 48 new tokens, always 48), and on request `decode1_compiled` (`decode1` with a static cache and
+the decoding step compiled by inductor, fullgraph=True).
 
     grin-moe bench --whole-model                               # shape "small", every workload, 5 rounds
     grin-moe bench --whole-model --model-shape h512 --workloads train decode1
+    grin-moe bench --whole-model --workloads decode1 decode1_compiled --experts-implementations grouped_mm
     python benchmarks/model_speed.py --model-shape mhmoe --rounds 7
 """
 
@@ -28,7 +30,8 @@ from pathlib import Path
 import torch
 
 EXPERTS_IMPLEMENTATIONS = ("grouped_mm", "eager", "fused")
-WORKLOADS = ("train", "prefill", "decode1", "decode8")
+WORKLOADS = ("train", "prefill", "decode1", "decode8", "decode1_compiled")
+DEFAULT_WORKLOADS = WORKLOADS[:4]  # decode1_compiled: opt-in, inductor compiles every contestant in the warm-up
 # family, decoder sizes and the MoE layer; "mhmoe" is the paper's h=3 preset scaled down 4x (sub-tokens of 64)
 MODEL_SHAPES = {
     "small": dict(family="grin", hidden_size=256, intermediate_size=400, num_local_experts=16,
@@ -55,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     add("--model-shape", choices=sorted(MODEL_SHAPES), default="small",
         help="whole-model preset (default: small = 4 layers, H=256, I=400, E=16, k=2)")
-    add("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    add("--workloads", nargs="+", choices=WORKLOADS, default=list(DEFAULT_WORKLOADS),
+        help="default: all but decode1_compiled (greedy batch-1 decoding with a static cache and the decoding step "
+        "compiled by inductor with fullgraph=True; its compilation happens in the warm-up round)")
     add("--experts-implementations", nargs="+", choices=EXPERTS_IMPLEMENTATIONS,
         default=list(EXPERTS_IMPLEMENTATIONS), help="our models' experts implementations to time")
     add("--rounds", type=int, default=5, help="timed rounds after one warm-up round (default: 5)")
@@ -77,6 +82,10 @@ class Contestant:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None = None
     times: dict = field(default_factory=dict)  # workload -> seconds per round
+
+    def runs(self, workload: str) -> bool:
+        # eager experts (ours, the readable reference, and transformers') branch on the routing: no full graph
+        return workload != "decode1_compiled" or not self.name.endswith("eager")
 
 
 def _configs(shape: dict):
@@ -167,9 +176,16 @@ def _run(contestant: Contestant, workload: str, input_ids: torch.Tensor) -> None
     with torch.no_grad():
         if workload == "prefill":
             model(input_ids, use_cache=True)
-        else:
-            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+            return
+        compiled = {}
+        if workload == "decode1_compiled":
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(fullgraph=True, mode="default")
+            compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless told
+            compiled = dict(cache_implementation="static", compile_config=compile_config)
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
+                       min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None, **compiled)
 
 
 def _workload_inputs(args, workload: str, round_index: int) -> torch.Tensor:
@@ -196,6 +212,8 @@ def run(args, progress=print) -> dict:
             # rotate the order each round, so no contestant always runs right after the same one
             shift = round_index % len(contestants)
             for contestant in contestants[shift:] + contestants[:shift]:
+                if not contestant.runs(workload):
+                    continue
                 torch.manual_seed(args.seed + round_index)  # the same training-mode routing samples for everyone
                 start = time.perf_counter()
                 _run(contestant, workload, input_ids)
@@ -217,9 +235,10 @@ def summarize(args, contestants: list[Contestant]) -> dict:
     phimoe = [name for name in by_name if name.startswith("Phimoe")]
     for workload in args.workloads:
         # per round, the faster of transformers' Phimoe implementations
-        phimoe_best = ([min(times) for times in zip(*(by_name[n].times[workload] for n in phimoe), strict=True)]
-                       if phimoe else None)
-        for contestant in contestants:
+        timed = [contestant for contestant in contestants if contestant.runs(workload)]
+        phimoe_times = [c.times[workload] for c in timed if c.name in phimoe]
+        phimoe_best = [min(times) for times in zip(*phimoe_times, strict=True)] if phimoe_times else None
+        for contestant in timed:
             times = contestant.times[workload]
             rows.append({
                 "workload": workload,
