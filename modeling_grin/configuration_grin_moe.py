@@ -13,6 +13,8 @@ from transformers.modeling_rope_utils import RopeParameters
 ROUTER_TYPES = ("sparsemixer_v2", "softmax_topk")
 LOAD_BALANCING = ("local", "global")
 NORM_TYPES = ("layernorm", "rmsnorm")
+ROUTER_PRECISIONS = ("float32", "logits")
+AUX_LOSS_TYPES = ("switch", "gshard")
 # The rotary embedding (transformers' Phimoe one) reads longrope's attention scales for every non-default type, so
 # these two are the types it can run.
 ROPE_TYPES = ("default", "longrope")
@@ -49,6 +51,12 @@ def validate_moe_fields(config) -> None:
              f"in 1..num_local_experts (1..{config.num_local_experts})", config.num_experts_per_tok)
     _require(config.router_type in ROUTER_TYPES, "router_type", f"one of {ROUTER_TYPES}", config.router_type)
     _require(config.norm_type in NORM_TYPES, "norm_type", f"one of {NORM_TYPES}", config.norm_type)
+    _require(config.router_precision in ROUTER_PRECISIONS, "router_precision", f"one of {ROUTER_PRECISIONS}",
+             config.router_precision)
+    _require(config.aux_loss_type in AUX_LOSS_TYPES, "aux_loss_type", f"one of {AUX_LOSS_TYPES}",
+             config.aux_loss_type)
+    _require(config.aux_loss_type == "switch" or config.load_balancing == "local", "load_balancing",
+             "'local' with aux_loss_type='gshard' (the official MH-MoE loss is per rank)", config.load_balancing)
     _require(config.router_jitter_noise >= 0, "router_jitter_noise", "non-negative", config.router_jitter_noise)
     _require(0 <= config.input_jitter_noise < 1, "input_jitter_noise", "in [0, 1)", config.input_jitter_noise)
     _require(config.router_aux_loss_coef >= 0, "router_aux_loss_coef", "non-negative", config.router_aux_loss_coef)
@@ -133,6 +141,16 @@ class GrinMoeConfig(PreTrainedConfig):
             `"local"`: the load-balancing loss of each process's micro-batch; `"global"`: expert frequencies counted
             over the whole data-parallel group (GRIN's recipe).
         router_z_loss_coef (`float`, defaults to 0): weight of the router z-loss (ST-MoE), added to the LM loss.
+        router_precision (`str`, defaults to `"float32"`):
+            The dtype of the routing math (mask, softmax, sampling): `"float32"`, or `"logits"`: the router logits'
+            own dtype, as GRIN's released code (and transformers' Phimoe) computes it, for bit-exact agreement with
+            it in bf16. In bf16 the two differ on boundary logits (a second-slot weight 0.5 instead of 1.0 for about
+            0.01 % of rows).
+        aux_loss_type (`str`, defaults to `"switch"`):
+            `"switch"`: the Switch load-balancing loss with f and P pooled over all MoE layers and every top-k slot
+            counted (transformers' Mixtral/Phimoe convention; GRIN's recipe with `load_balancing="global"`);
+            `"gshard"`: the official MH-MoE code's GShard loss, `E * sum_i me_i * ce_i` per layer on the top-1
+            assignment, summed over the layers (requires `load_balancing="local"`).
         norm_type (`str`, defaults to `"layernorm"`):
             GRIN's LayerNorm with bias, or `"rmsnorm"` (e.g. for models upcycled from Llama/Phi-3 checkpoints).
     """
@@ -195,6 +213,8 @@ class GrinMoeConfig(PreTrainedConfig):
     load_balancing: str = "local"
     router_z_loss_coef: float | int = 0.0
     norm_type: str = "layernorm"
+    router_precision: str = "float32"
+    aux_loss_type: str = "switch"
 
     def __post_init__(self, **kwargs):
         # An alias (`num_experts`) would otherwise be set by transformers after the checks below, unchecked.

@@ -7,6 +7,8 @@ from huggingface_hub.dataclasses import strict
 
 from .configuration_grin_moe import GrinMoeConfig
 
+INIT_STYLES = ("normal", "official")
+
 
 def validate_mh_moe_fields(config) -> None:
     """The fields MH-MoE adds to GRIN-MoE's (which `validate_moe_fields` checks)."""
@@ -26,6 +28,8 @@ def validate_mh_moe_fields(config) -> None:
         raise ValueError(
             f"`shared_expert_intermediate_size` must be >= 0 (0: none), got {config.shared_expert_intermediate_size!r}"
         )
+    if config.init_style not in INIT_STYLES:
+        raise ValueError(f"`init_style` must be one of {INIT_STYLES}, got {config.init_style!r}")
 
 
 @strict
@@ -51,6 +55,10 @@ class MhMoeConfig(GrinMoeConfig):
             MoE block's output (the paper's shared-expert setting, Table 2).
         norm_type (`str`): `"rmsnorm"` or `"layernorm"`.
         mlp_bias (`bool`): biases in the dense FFN and the shared expert.
+        init_style (`str`): the MoE block's initialisation. Both: Xavier-uniform head layer (gain 1/sqrt(2)) and merge
+            layer, merge bias 0. `"normal"`: router and experts normal(0, initializer_range), head bias 0;
+            `"official"`: as the official code leaves them, PyTorch's `nn.Linear` default U(-1/sqrt(fan_in),
+            1/sqrt(fan_in)) for the router, each expert's matrices and the head bias (router std 1/sqrt(3 d/h)).
     """
 
     model_type = "mh_moe"
@@ -97,6 +105,7 @@ class MhMoeConfig(GrinMoeConfig):
     shared_expert_intermediate_size: int = 0
     norm_type: str = "rmsnorm"
     mlp_bias: bool = False
+    init_style: str = "normal"
 
     def __post_init__(self, **kwargs):
         validate_mh_moe_fields(self)

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 TARGETS = ("grinmoe", "phimoe")
 _DEFAULT_ROPE_THETA = {"grinmoe": 10000.0, "phimoe": 1000000.0}  # each config class's default when the file has none
-_OUR_ONLY_FIELDS = ("router_type", "router_renormalize", "experts_implementation")
+_OUR_ONLY_FIELDS = ("router_type", "router_renormalize", "experts_implementation", "router_precision", "aux_loss_type")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The sizes that decide the tensors' shapes must be spelled out in config.json: the config classes' defaults differ
 # from each other and from the released model, so a missing one would silently describe another model.

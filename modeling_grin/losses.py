@@ -1,4 +1,5 @@
-"""Auxiliary router losses: Switch load balancing (local or data-parallel global, as GRIN) and router z-loss."""
+"""Auxiliary router losses: Switch load balancing (local or data-parallel global, as GRIN), the official MH-MoE code's
+per-layer GShard loss, and router z-loss."""
 
 import torch
 
@@ -58,6 +59,35 @@ def load_balancing_loss(
         fraction = slots_per_expert / global_rows
         return num_experts * torch.sum(fraction * (probability_per_expert * world / global_rows))
     return num_experts * torch.sum((slots_per_expert / total_rows) * (probability_per_expert / total_rows))
+
+
+def gshard_load_balancing_loss(
+    router_logits: tuple[torch.Tensor, ...] | None,
+    num_experts: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """GShard's load-balancing loss as the official MH-MoE code computes it: per MoE layer `E * sum_i me_i * ce_i`,
+    with me_i the mean router probability of expert i and ce_i the fraction of rows whose top-1 expert is i (whatever
+    top_k the layer routes with), summed over the layers (`--moe-gate-loss-combine-method sum`).
+
+    Unlike `load_balancing_loss`, layers are not pooled: each layer is pushed towards balance on its own, so with L
+    layers the per-layer gradient is that of one layer's loss (the pooled Switch loss spreads 1/L of it to each).
+    Padding rows of `attention_mask` are left out (repeated per sub-token for MH-MoE). The gradient flows through me
+    only. Returns None when there are no router logits.
+    """
+    if not router_logits:
+        return None
+    device = router_logits[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    row_weights = _row_weights(router_logits, attention_mask, device)
+    for layer_logits, row_weight in zip(router_logits, row_weights, strict=True):
+        probs = layer_logits.to(device).float().softmax(dim=-1)
+        rows = row_weight.sum().clamp(min=1)  # (a layer of padding only adds 0)
+        mean_probability = (probs * row_weight[:, None]).sum(dim=0) / rows
+        top1 = probs.argmax(dim=-1)
+        top1_fraction = torch.zeros(num_experts, device=device).scatter_add(0, top1, row_weight) / rows
+        total = total + num_experts * torch.sum(mean_probability * top1_fraction)
+    return total
 
 
 def router_z_loss(router_logits: tuple[torch.Tensor, ...] | None, attention_mask: torch.Tensor | None = None):

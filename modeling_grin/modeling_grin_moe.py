@@ -28,7 +28,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_grin_moe import GrinMoeConfig
 from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts
-from .losses import load_balancing_loss, router_z_loss
+from .losses import gshard_load_balancing_loss, load_balancing_loss, router_z_loss
 from .sparsemixer import GrinMoeRouter
 
 logger = logging.get_logger(__name__)
@@ -403,10 +403,13 @@ class GrinMoeForCausalLM(GrinMoePreTrainedModel, GenerationMixin):
             token_mask = None
             if attention_mask is not None and attention_mask.dim() == 2:
                 token_mask = attention_mask[:, -outputs.last_hidden_state.shape[1] :]
-            aux_loss = load_balancing_loss(
-                outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask,
-                global_balance=self.config.load_balancing == "global",
-            )
+            if self.config.aux_loss_type == "gshard":
+                aux_loss = gshard_load_balancing_loss(outputs.router_logits, self.config.num_local_experts, token_mask)
+            else:
+                aux_loss = load_balancing_loss(
+                    outputs.router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, token_mask,
+                    global_balance=self.config.load_balancing == "global",
+                )
             if loss is not None and aux_loss is not None:
                 share = micro_batch_share(labels, kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss

@@ -26,6 +26,7 @@ from .modeling_grin_moe import (
     GrinMoePreTrainedModel,
     GrinMoeSparseMoeBlock,
 )
+from .sparsemixer import GrinMoeRouter
 
 
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
@@ -47,6 +48,15 @@ class MhMoeMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
 
 
+class MhMoeHeadProjection(nn.Linear):
+    """The head layer (d -> d before the split into sub-tokens): its own class so that `_init_weights`, which
+    transformers calls per module holding parameters, can give it the papers' initialisation."""
+
+
+class MhMoeMergeProjection(nn.Linear):
+    """The merge layer (d -> d after the sub-tokens are put back together)."""
+
+
 class MhMoeSparseMoeBlock(GrinMoeSparseMoeBlock):
     """head projection -> split into h sub-tokens -> GRIN's router + experts per sub-token -> merge -> merge projection.
 
@@ -60,8 +70,8 @@ class MhMoeSparseMoeBlock(GrinMoeSparseMoeBlock):
         super().__init__(config, input_size=config.sub_token_size)
         self.moe_heads = config.moe_heads
         hidden, bias = config.hidden_size, config.head_merge_bias
-        self.head_proj = nn.Linear(hidden, hidden, bias=bias) if config.use_head_projection else None
-        self.merge_proj = nn.Linear(hidden, hidden, bias=bias) if config.use_merge_projection else None
+        self.head_proj = MhMoeHeadProjection(hidden, hidden, bias=bias) if config.use_head_projection else None
+        self.merge_proj = MhMoeMergeProjection(hidden, hidden, bias=bias) if config.use_merge_projection else None
         shared = config.shared_expert_intermediate_size
         self.shared_expert = MhMoeMLP(config, shared) if shared > 0 else None
 
@@ -96,13 +106,32 @@ class MhMoePreTrainedModel(GrinMoePreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, MhMoeSparseMoeBlock):
-            # As the papers: Xavier-uniform head layer with gain 1/sqrt(2), Xavier merge layer, zero biases.
-            for projection, gain in ((module.head_proj, 1 / math.sqrt(2)), (module.merge_proj, 1.0)):
-                if projection is not None:
-                    init.xavier_uniform_(projection.weight, gain=gain)
-                    if projection.bias is not None:
-                        init.zeros_(projection.bias)
+        official = self.config.init_style == "official"
+        # As the papers: Xavier-uniform head layer with gain 1/sqrt(2), Xavier merge layer, merge bias 0; the head
+        # bias is 0 too, or, as the official code leaves it, at nn.Linear's default.
+        if isinstance(module, MhMoeHeadProjection):
+            init.xavier_uniform_(module.weight, gain=1 / math.sqrt(2))
+            if module.bias is not None:
+                if official:
+                    _linear_default_(module.bias, fan_in=module.in_features)
+                else:
+                    init.zeros_(module.bias)
+        elif isinstance(module, MhMoeMergeProjection):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif official and isinstance(module, GrinMoeRouter):
+            _linear_default_(module.weight, fan_in=module.weight.shape[1])
+        elif official and isinstance(module, SwiGLUExperts):  # each expert's fc1/fc3 (gate_up) and fc2 (down)
+            _linear_default_(module.gate_up_proj, fan_in=module.hidden_dim)
+            _linear_default_(module.down_proj, fan_in=module.intermediate_dim)
+
+
+def _linear_default_(tensor: torch.Tensor, fan_in: int) -> None:
+    """PyTorch's nn.Linear initialisation (kaiming-uniform with a=sqrt(5) for weights, the same bound for biases):
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with fan_in given (a 3-D expert tensor's own fan-in rule would count E)."""
+    bound = 1 / math.sqrt(fan_in)
+    init.uniform_(tensor, -bound, bound)
 
 
 class MhMoeModel(MhMoePreTrainedModel, GrinMoeModel):

@@ -67,6 +67,12 @@ def _check_routing_inputs(logits: torch.Tensor, top_k: int) -> None:
         torch._assert_async(torch.isfinite(logits).all(), message)
 
 
+def _routing_scores(logits: torch.Tensor, precision: str) -> torch.Tensor:
+    if precision not in ("float32", "logits"):
+        raise ValueError(f"`precision` must be 'float32' or 'logits', got {precision!r}")
+    return logits.float() if precision == "float32" else logits
+
+
 def _sparsemixer_v2_eval(scores: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode SparseMixer-v2 on fp32 scores: the argmax of each slot, weighted by the masked softmax, all slots'
     masks and softmaxes taken at once ([T, k, E]) instead of slot by slot: the same elementwise operations, so the
@@ -96,6 +102,7 @@ def sparsemixer_v2(
     generator: torch.Generator | None = None,
     *,
     heun_keep_prob: float = 0.25,
+    precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route each token to `top_k` experts with SparseMixer-v2.
 
@@ -107,9 +114,11 @@ def sparsemixer_v2(
         generator: random source for the training-mode samples, for reproducibility.
         heun_keep_prob: probability that a non-argmax choice keeps factor 1 instead of 1/3: 1/4 is SparseMixer-v2's
             Bernoulli(1/4) (Eq. 8); 1.0 always keeps 1, a first-order (Euler-style) estimate, for comparisons.
+        precision: `"float32"` computes the routing in fp32; `"logits"` in the logits' dtype, as GRIN's released
+            code does (bit for bit the same in bf16 too).
 
     Returns:
-        `(weights, indices)`, both `[tokens, top_k]`; weights in the dtype of `logits` (computed in fp32), not
+        `(weights, indices)`, both `[tokens, top_k]`; weights in the dtype of `logits` (computed in `precision`), not
         renormalised (GRIN's weights are exactly 1.0 for most tokens), indices as int64.
     """
     _check_routing_inputs(logits, top_k)
@@ -121,7 +130,7 @@ def sparsemixer_v2(
         return logits.new_empty(0, top_k), torch.empty(0, top_k, dtype=torch.long, device=logits.device)
 
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        scores = logits.float()
+        scores = _routing_scores(logits, precision)
         if not training:
             weights, indices = _sparsemixer_v2_eval(scores, top_k, jitter_eps)
             return weights.to(logits.dtype), indices
@@ -149,11 +158,14 @@ def sparsemixer_v2(
     return torch.cat(weights, dim=-1).to(logits.dtype), torch.cat(indices, dim=-1)
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """GShard/Mixtral routing: top-k of the softmax (computed in fp32), optionally renormalised to sum to one."""
+def softmax_topk(
+    logits: torch.Tensor, top_k: int, renormalize: bool, *, precision: str = "float32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GShard/Mixtral routing: top-k of the softmax (computed in `precision`, see `sparsemixer_v2`), optionally
+    renormalised to sum to one."""
     _check_routing_inputs(logits, top_k)
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        weights, indices = logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+        weights, indices = _routing_scores(logits, precision).softmax(dim=-1).topk(top_k, dim=-1)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(logits.dtype), indices
@@ -173,12 +185,14 @@ class GrinMoeRouter(nn.Module):
         self.router_type = config.router_type
         self.jitter_eps = config.router_jitter_noise
         self.renormalize = config.router_renormalize
+        self.precision = config.router_precision
         self.weight = nn.Parameter(torch.empty(self.num_experts, input_size or config.hidden_size))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = nn.functional.linear(hidden_states, self.weight)
         if self.router_type == "sparsemixer_v2":
-            weights, indices = sparsemixer_v2(router_logits, self.top_k, self.jitter_eps, self.training)
+            weights, indices = sparsemixer_v2(router_logits, self.top_k, self.jitter_eps, self.training,
+                                              precision=self.precision)
         else:
-            weights, indices = softmax_topk(router_logits, self.top_k, self.renormalize)
+            weights, indices = softmax_topk(router_logits, self.top_k, self.renormalize, precision=self.precision)
         return router_logits, weights, indices
