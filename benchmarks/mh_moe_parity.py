@@ -12,11 +12,15 @@ from modeling_grin.configuration_mh_moe import mh_moe_parity  # noqa: E402
 from modeling_grin.presets import load_preset  # noqa: E402
 
 
+def with_router(cost) -> int:
+    return cost.flops_per_token + cost.router_flops_per_token
+
+
 def main() -> None:
     print(f"command: python {' '.join(sys.argv)}\n")
     print("| preset | heads | experts × size | top-k | shared | MoE FLOPs/token | vs SMoE | MoE params | vs SMoE |"
-          " router params |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          " router params | router FLOPs/token | with router, vs SMoE |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for suffix in ("", "-shared"):
         reference = load_preset(f"mh-moe-paper-smoe{suffix}").moe_layer_cost()
         for setup in ("smoe", "fine-grained", "h2", "h3"):
@@ -28,7 +32,8 @@ def main() -> None:
                 f"{config.num_experts_per_tok} | {config.shared_expert_intermediate_size or '-'} | "
                 f"{cost.flops_per_token:,} | {cost.flops_per_token / reference.flops_per_token - 1:+.1%} | "
                 f"{cost.parameters:,} | {cost.parameters / reference.parameters - 1:+.1%} | "
-                f"{cost.router_parameters:,} |"
+                f"{cost.router_parameters:,} | {cost.router_flops_per_token:,} | "
+                f"{with_router(cost) / with_router(reference) - 1:+.2%} |"
             )
     print("\nParity rule for d=768 against SMoE 8 × 2048, top-1 (exact expert count before rounding):")
     for heads, top_k in ((2, 2), (3, 3)):

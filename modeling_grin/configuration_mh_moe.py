@@ -147,6 +147,7 @@ class MoeLayerCost:
     parameters: int  # all experts plus head/merge projections (weights only)
     active_parameters: int  # the most weights one token can touch (h sub-tokens x k experts each)
     router_parameters: int
+    router_flops_per_token: int  # 2 x h sub-tokens x (d/h x E): d x E multiply-accumulates whatever h is routed
 
 
 def moe_layer_cost(
@@ -178,6 +179,7 @@ def moe_layer_cost(
         parameters=dense + num_experts * expert_weights,
         active_parameters=dense + min(num_experts, heads * top_k) * expert_weights,
         router_parameters=sub_token * num_experts,
+        router_flops_per_token=2 * heads * sub_token * num_experts,
     )
 
 

@@ -331,5 +331,9 @@ def test_parity_table_script_prints_every_paper_setup():
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "mh_moe_parity.py"
     printed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
-    assert "| mh-moe-paper-h3 | 3 | 96 × 512 | 3 | - | 9,437,184 | +0.0% | 38,928,384 | +3.1% |" in printed
+    assert ("| mh-moe-paper-h3 | 3 | 96 × 512 | 3 | - | 9,437,184 | +0.0% | 38,928,384 | +3.1% | 24,576 | 147,456 "
+            "| +1.43% |") in printed
+    # the router: d x E multiply-accumulates per token (h sub-tokens of d/h), twice for FLOPs
+    for name, experts in (("smoe", 8), ("h2", 40), ("h3", 96)):
+        assert load_preset(f"mh-moe-paper-{name}").moe_layer_cost().router_flops_per_token == 2 * 768 * experts
     assert printed.count("mh-moe-paper-") == 8
