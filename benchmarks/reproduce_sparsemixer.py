@@ -4,11 +4,13 @@ embedded corpus over several seeds, everything else equal.
     python benchmarks/reproduce_sparsemixer.py --seeds 0 1 2 3 4 --steps 100 --threads 1 \
         --plot docs/images/reproduce_sparsemixer.png
 
-Both models are the `grin-moe-tiny` preset (d=128, 4 layers, an MoE block in every layer, 8 experts of 192, top-2,
-input jitter 0.01, aux-loss weight 0.001); only `router_type` differs: `sparsemixer_v2` (masked-softmax sampling with
-the Heun-corrected straight-through gradient, mask threshold 2 × 0.01) vs `softmax_topk` (Mixtral-style top-2 of the
-softmax, weights renormalised, gradient through the two gate values only). Same seed = same initial weights and
-batches for both, so the per-seed difference is paired.
+All models are the `grin-moe-tiny` preset (d=128, 4 layers, an MoE block in every layer, 8 experts of 192, top-2,
+input jitter 0.01, aux-loss weight 0.001); only the routing differs: `sparsemixer_v2` (masked-softmax sampling with
+the Heun-corrected straight-through gradient, mask threshold 2 × 0.01), `softmax_topk` renormalised (Mixtral-style:
+the two gate values sum to 1, gradient through them only), and the gate-scale control, `softmax_topk` *not*
+renormalised: SparseMixer-v2's eval weights are about 1.0 per slot (sum about 2) where renormalised top-2 sums to 1,
+so comparing only those two changes the estimator and the gate scale at once. Same seed = same initial weights and
+batches for all, so the per-seed differences are paired.
 """
 
 import argparse
@@ -23,16 +25,20 @@ import reproduce_common as common  # noqa: E402
 from modeling_grin.presets import load_preset  # noqa: E402
 
 REFERENCE = "softmax top-2"
-ROUTERS = {"SparseMixer-v2": "sparsemixer_v2", "softmax top-2": "softmax_topk"}
+# variant -> (router_type, router_renormalize); renormalisation only applies to softmax_topk
+ROUTERS = {
+    "SparseMixer-v2": ("sparsemixer_v2", True),
+    "softmax top-2": ("softmax_topk", True),
+    "softmax top-2, not renormalised": ("softmax_topk", False),
+}
 
 
 def variant_configs(preset: str, block_size: int) -> tuple[dict, dict]:
     corpus = common.prepare_corpus(block_size)
     configs, description = {}, {}
-    for name, router_type in ROUTERS.items():
-        config = load_preset(
-            preset, router_type=router_type, max_position_embeddings=max(block_size, 64), **corpus.token_overrides
-        )
+    for name, (router_type, renormalize) in ROUTERS.items():
+        config = load_preset(preset, router_type=router_type, router_renormalize=renormalize,
+                             max_position_embeddings=max(block_size, 64), **corpus.token_overrides)
         configs[name] = config
         description[name] = {
             "preset": preset,

@@ -64,8 +64,12 @@ def test_reproduce_sparsemixer(tmp_path):
     module = _load("reproduce_sparsemixer")
     json_path, plot_path = tmp_path / "sm.json", tmp_path / "sm.png"
     result = module.main([*BUDGET, "--plot", str(plot_path), "--json", str(json_path)])
-    _check_common(result, ["SparseMixer-v2", "softmax top-2"], "softmax top-2", json_path, plot_path)
-    assert {v["router_type"] for v in result["variants"].values()} == {"sparsemixer_v2", "softmax_topk"}
+    _check_common(result, ["SparseMixer-v2", "softmax top-2", "softmax top-2, not renormalised"], "softmax top-2",
+                  json_path, plot_path)
+    routing = {name: (v["router_type"], v["router_renormalize"]) for name, v in result["variants"].items()}
+    assert routing["softmax top-2"] == ("softmax_topk", True)
+    assert routing["softmax top-2, not renormalised"] == ("softmax_topk", False)  # the gate-scale control
+    assert routing["SparseMixer-v2"][0] == "sparsemixer_v2"
     comparison = result["sparsemixer_minus_softmax"]
     sparsemixer, softmax = (result["runs"][name][0]["heldout_loss"] for name in ("SparseMixer-v2", "softmax top-2"))
     assert comparison["delta_loss_mean"] == pytest.approx(sparsemixer - softmax, abs=1e-12)
