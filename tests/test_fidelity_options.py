@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from test_mh_moe import tiny_mh_config, tiny_mh_model
-from test_sparsemixer import QueuedNoise, logits_with_ties
+from test_sparsemixer import QueuedNoise, logits_with_ties, routed_loss_and_grad
 from transformers.models.phimoe import modeling_phimoe
 
 from modeling_grin import GrinMoeConfig, MhMoeConfig, MhMoeForCausalLM
@@ -191,18 +191,14 @@ def test_logits_precision_is_bit_exact_with_transformers_sparsemixer_in_bf16_tra
     noise.exponential = [sample.bfloat16() for sample in noise.exponential]
     noise.uniform = [sample.bfloat16() for sample in noise.uniform]
     upstream = torch.randn(logits.shape[0], 2, generator=torch.Generator().manual_seed(3)).bfloat16()
-    results = []
-    for patch_noise, function in (
-        (noise.patch_reference, lambda z: modeling_phimoe.sparsemixer(z, 0.01, training=True)),
-        (noise.patch_ours, lambda z: sparsemixer_v2(z, 2, 0.01, training=True, precision="logits")),
-    ):
-        with monkeypatch.context() as patch:
-            patch_noise(patch)
-            leaf = logits.clone().requires_grad_(True)
-            weights, indices = function(leaf)
-            (weights * upstream).sum().backward()
-            results.append((weights.detach(), indices, leaf.grad))
-    (weights, indices, grad), (ours_weights, ours_indices, ours_grad) = results
+    with monkeypatch.context() as patch:
+        noise.patch_reference(patch)
+        weights, indices, grad = routed_loss_and_grad(
+            lambda z: modeling_phimoe.sparsemixer(z, 0.01, training=True), logits, upstream)
+    with monkeypatch.context() as patch:
+        noise.patch_ours(patch)
+        ours_weights, ours_indices, ours_grad = routed_loss_and_grad(
+            lambda z: sparsemixer_v2(z, 2, 0.01, training=True, precision="logits"), logits, upstream)
     assert torch.equal(ours_indices, indices)
     assert torch.equal(ours_weights, weights)
     assert torch.equal(ours_grad, grad)

@@ -282,14 +282,10 @@ def test_eval_path_equals_the_slot_by_slot_rule_bit_for_bit_with_its_gradient(to
     """All slots at once ([T, k, E]) gives the same bits, the same tie-breaking and the same logit gradient."""
     logits = logits_with_ties(tokens=300, experts=8, seed=top_k)  # ends with rows of eight tied zeros
     upstream = torch.randn(logits.shape[0], top_k, generator=torch.Generator().manual_seed(0))
-    results = []
-    for function in (lambda x: sparsemixer_v2(x, top_k, 0.01, training=False),
-                     lambda x: slot_by_slot_eval(x, top_k, 0.01)):
-        leaf = logits.clone().requires_grad_(True)
-        weights, indices = function(leaf)
-        (weights * upstream).sum().backward()
-        results.append((weights.detach(), indices, leaf.grad))
-    (weights, indices, grad), (expected_weights, expected_indices, expected_grad) = results
+    weights, indices, grad = routed_loss_and_grad(lambda x: sparsemixer_v2(x, top_k, 0.01, training=False),
+                                                  logits, upstream)
+    expected_weights, expected_indices, expected_grad = routed_loss_and_grad(
+        lambda x: slot_by_slot_eval(x, top_k, 0.01), logits, upstream)
     assert torch.equal(indices, expected_indices)
     assert torch.equal(weights, expected_weights)
     assert torch.equal(grad, expected_grad)
