@@ -53,11 +53,11 @@ class SwiGLUExperts(nn.Module):
 def default_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     """Our models' `grouped_mm` (the default experts implementation).
 
-    On the CPU: `cpu_swiglu_experts`, the fastest path measured in whole models (docs/benchmarks.md): few routed
-    pairs touch only the experts that were hit, others run the sorted rows of `fused_experts.py`; any hidden and
-    expert size. Elsewhere transformers' grouped_mm, and the eager loop where torch's grouped GEMM cannot take the
-    shape: configs that validate (hidden size 30, expert size 47, MH-MoE sub-tokens of 2) would otherwise fail with
-    "strides should be multiple of 16 bytes"."""
+    On the CPU: `cpu_swiglu_experts`, the fastest path measured in whole models for each case (docs/benchmarks.md):
+    decoding touches only the experts that were hit, training runs the sorted rows of `fused_experts.py`, other
+    inference transformers' grouped_mm; any hidden and expert size. Elsewhere transformers' grouped_mm, and the eager
+    loop where torch's grouped GEMM cannot take the shape: configs that validate (hidden size 30, expert size 47,
+    MH-MoE sub-tokens of 2) would otherwise fail with "strides should be multiple of 16 bytes"."""
     if hidden_states.device.type == "cpu":
         return cpu_swiglu_experts(self, hidden_states, top_k_index, top_k_weights)
     if grouped_mm_takes_shape(self, hidden_states.dtype):

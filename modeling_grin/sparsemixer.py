@@ -74,9 +74,10 @@ def _routing_scores(logits: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def _sparsemixer_v2_eval(scores: torch.Tensor, top_k: int, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode SparseMixer-v2 on fp32 scores: the argmax of each slot, weighted by the masked softmax, all slots'
-    masks and softmaxes taken at once ([T, k, E]) instead of slot by slot: the same elementwise operations, so the
-    same bits, in half the kernel launches (what a decoded token pays for in every MoE layer)."""
+    """Eval-mode SparseMixer-v2 on the routing scores (`_routing_scores`): the argmax of each slot, weighted by the
+    masked softmax, all slots' masks and softmaxes taken at once ([T, k, E]) instead of slot by slot: the same
+    elementwise operations, so the same bits, in half the kernel launches (what a decoded token pays for in every
+    MoE layer)."""
     remaining, remainings, best_logits, choices = scores, [], [], []
     for slot in range(top_k):  # the slots' argmaxes: ties broken as the slot-by-slot loop breaks them
         remainings.append(remaining)
