@@ -1,18 +1,19 @@
-"""Shared pieces of the small-scale paper reproductions (`reproduce_mhmoe.py`, `reproduce_sparsemixer.py`).
+"""Shared pieces of the small-scale paper reproductions (`reproduce_mhmoe.py`, `reproduce_sparsemixer.py`,
+`reproduce_bitnet.py`).
 
-The corpus is the embedded one (Python standard-library sources, `modeling_grin.data`); the tokenizer and the token
-blocks are built once per process and block size. `train_and_evaluate` trains one model from a config with AdamW
-(warmup 20 steps, cosine decay, clip 1.0, the `grin-moe demo` recipe) and scores it on the held-out last 10 % of the
-blocks with the language-modelling loss alone (no router loss), through `modeling_grin.demo.evaluate_loss`.
+Every run goes through the package's training loop, `modeling_grin.training.loop.train` (the loop `grin-moe train`
+runs): AdamW (weight decay 0.01), warmup 20 steps then cosine decay, clip 1.0, batches drawn by (seed, step), on the
+embedded corpus (Python standard-library sources); the held-out last `eval_fraction` of the blocks is scored with the
+language-modelling loss alone (no router loss). The tokenizer is trained once per process and handed to every run.
 """
 
 import argparse
-import dataclasses
 import functools
 import json
 import math
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +23,20 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
-
 from modeling_grin.data import embedded_corpus, token_blocks, train_tokenizer  # noqa: E402
-from modeling_grin.training.evaluation import _pyplot, evaluate_loss  # noqa: E402
-from modeling_grin.training.loop import learning_rate_at  # noqa: E402
+from modeling_grin.training.evaluation import _pyplot  # noqa: E402
+from modeling_grin.training.loop import train  # noqa: E402
 
 WARMUP_STEPS = 20
+EVAL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
 class Corpus:
     tokenizer: object
-    train_blocks: torch.Tensor  # [blocks, block_size]
-    heldout_blocks: torch.Tensor
+    tokenizer_folder: Path  # the saved tokenizer every run loads
+    train_blocks: int
+    heldout_blocks: int
 
     @property
     def token_overrides(self) -> dict:
@@ -49,26 +50,20 @@ class Corpus:
 
 
 @functools.cache
-def _tokenizer(vocab_size: int):
-    texts = embedded_corpus()
-    return texts, train_tokenizer(texts, vocab_size=vocab_size)
+def _tokenizer(vocab_size: int) -> tuple[object, Path]:
+    tokenizer = train_tokenizer(embedded_corpus(), vocab_size=vocab_size)
+    folder = Path(tempfile.mkdtemp(prefix="reproduce-tokenizer-"))
+    tokenizer.save_pretrained(folder)
+    return tokenizer, folder
 
 
 @functools.cache
-def prepare_corpus(block_size: int, vocab_size: int = 2048) -> Corpus:
-    """Tokenizer (cached per vocabulary size) and blocks (per block size); the last 10 % of the blocks are held out,
-    as in `grin-moe demo`."""
-    texts, tokenizer = _tokenizer(vocab_size)
-    blocks = token_blocks(tokenizer, texts, block_size)
-    num_heldout = max(1, len(blocks) // 10)
-    return Corpus(tokenizer, blocks[:-num_heldout], blocks[-num_heldout:])
-
-
-def limited_corpus(block_size: int, heldout_blocks: int = 0) -> Corpus:
-    corpus = prepare_corpus(block_size)
-    if heldout_blocks > 0:
-        corpus = dataclasses.replace(corpus, heldout_blocks=corpus.heldout_blocks[:heldout_blocks])
-    return corpus
+def prepare_corpus(block_size: int, eval_fraction: float = EVAL_FRACTION, vocab_size: int = 2048) -> Corpus:
+    """The tokenizer (trained once per vocabulary size) and how many blocks the loop will train on and hold out."""
+    tokenizer, folder = _tokenizer(vocab_size)
+    blocks = len(token_blocks(tokenizer, embedded_corpus(), block_size))
+    heldout = max(1, int(blocks * eval_fraction))  # the loop's split
+    return Corpus(tokenizer, folder, blocks - heldout, heldout)
 
 
 def moe_layer_count(config) -> int:
@@ -89,13 +84,6 @@ def parameter_counts(model) -> dict:
     return {"total_parameters": total, "active_parameters": total - inactive}
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross entropy, without the router loss the model adds to `.loss` in training."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
-    )
-
-
 def train_and_evaluate(
     config,
     steps: int,
@@ -103,55 +91,33 @@ def train_and_evaluate(
     block_size: int,
     lr: float,
     seed: int,
-    corpus: Corpus | None = None,
+    eval_fraction: float = EVAL_FRACTION,
     desc: str = "training",
     progress: bool = True,
-    eval_batch_size: int = 32,
 ) -> dict:
-    """Train a causal LM built from `config` for `steps` steps and evaluate it on the held-out blocks.
+    """Train a causal LM built from `config` for `steps` steps with `train` and evaluate it on the held-out blocks.
 
-    Returns heldout_loss (LM loss only, eval-mode routing), heldout_ppl, seconds (training + evaluation), loss_curve
-    (training LM loss per step, router loss excluded; the optimised loss includes it), final_aux_loss, and the
-    parameter counts. The seed fixes the initial weights, the batch order and the routing noise.
+    Returns heldout_loss (LM loss only, eval-mode routing), heldout_ppl, seconds (the whole `train` call: training,
+    evaluation, saving), loss_curve (the optimised loss per step: LM loss plus the router losses), and the parameter
+    counts. The seed fixes the initial weights, the batch order and the routing noise.
     """
-    if steps < 1:
-        raise ValueError(f"`steps` must be a positive integer, got {steps}")
-    corpus = corpus or prepare_corpus(block_size)
-    started = time.perf_counter()
-    set_seed(seed)
-    config.output_router_logits = True  # the load-balancing loss is part of the optimised loss
-    model = AutoModelForCausalLM.from_config(config)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_at(step, 1.0, WARMUP_STEPS, steps)  # a factor of `lr`
-    )
-    generator = torch.Generator().manual_seed(seed)
-    curve, aux = [], float("nan")
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, disable=not progress)
-    for _ in bar:
-        batch = corpus.train_blocks[torch.randint(len(corpus.train_blocks), (batch_size,), generator=generator)]
-        output = model(input_ids=batch, labels=batch)
-        output.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            curve.append(lm_loss(output.logits, batch).item())
-        if output.aux_loss is not None:
-            aux = output.aux_loss.item()
-        bar.set_postfix(loss=f"{curve[-1]:.3f}")
-    heldout_loss = evaluate_loss(model, corpus.heldout_blocks, eval_batch_size)
+    corpus = prepare_corpus(block_size, eval_fraction)
+    with tempfile.TemporaryDirectory(prefix="reproduce-run-") as output_dir:
+        result = train(
+            output_dir, config=config, tokenizer=corpus.tokenizer_folder, steps=steps, batch_size=batch_size,
+            block_size=block_size, learning_rate=lr, warmup_steps=WARMUP_STEPS, weight_decay=0.01, max_grad_norm=1.0,
+            seed=seed, eval_fraction=eval_fraction, progress=progress,
+        )
+        curve = json.loads((Path(output_dir) / "train_summary.json").read_text())["losses"]
+    summary = result.summary
     return {
         "seed": seed,
-        "heldout_loss": heldout_loss,
-        "heldout_ppl": math.exp(heldout_loss),
-        "seconds": time.perf_counter() - started,
+        "heldout_loss": summary["heldout_loss"],
+        "heldout_ppl": math.exp(summary["heldout_loss"]),
+        "seconds": summary["seconds"],
         "final_train_loss": curve[-1],
-        "final_aux_loss": aux,
         "loss_curve": curve,
-        **parameter_counts(model),
+        **parameter_counts(result.accelerator.unwrap_model(result.model)),
     }
 
 
@@ -167,19 +133,15 @@ def run_variants(
     block_size: int,
     lr: float,
     progress: bool = True,
-    eval_batch_size: int = 32,
-    heldout_blocks: int = 0,
+    eval_fraction: float = EVAL_FRACTION,
 ) -> dict[str, list[dict]]:
-    """Every variant for every seed (seed-major, so an interrupted run still covers every variant).
-
-    `heldout_blocks` > 0 evaluates on the first that many held-out blocks only (for smoke tests)."""
-    corpus = limited_corpus(block_size, heldout_blocks)
+    """Every variant for every seed (seed-major, so an interrupted run still covers every variant)."""
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     jobs = [(seed, name) for seed in seeds for name in configs]
     for seed, name in tqdm(jobs, desc="runs", unit="run", disable=not progress):
         result = train_and_evaluate(
-            configs[name], steps, batch_size, block_size, lr, seed, corpus, desc=f"{name} seed {seed}",
-            progress=progress, eval_batch_size=eval_batch_size,
+            configs[name], steps, batch_size, block_size, lr, seed, eval_fraction, desc=f"{name} seed {seed}",
+            progress=progress,
         )
         runs[name].append(result)
         if progress:
@@ -249,8 +211,8 @@ def _smooth(values: list[float], weight: float) -> list[float]:
 
 
 def save_plot(runs: dict[str, list[dict]], rows: list[dict], path: str | Path, title: str) -> Path:
-    """Left: training LM loss (smoothed, mean over seeds, band = min..max seed); right: held-out perplexity per
-    variant, mean ± std over seeds with every seed as a dot."""
+    """Left: the optimised training loss (smoothed, mean over seeds, band = min..max seed); right: held-out
+    perplexity per variant, mean ± std over seeds with every seed as a dot."""
     plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +229,7 @@ def save_plot(runs: dict[str, list[dict]], rows: list[dict], path: str | Path, t
     tail = [v for variant_runs in runs.values() for run in variant_runs for v in run["loss_curve"][last // 3:]]
     if len(tail) > 1:
         curves.set_ylim(min(tail) - 0.1, max(tail) + 0.1)
-    curves.set(xlabel="step", ylabel="training LM loss (EMA 0.9)", title=title)
+    curves.set(xlabel="step", ylabel="training loss, LM + router (EMA 0.9)", title=title)
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8)
     for index, row in enumerate(rows):
@@ -293,8 +255,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, steps: int, plot: str)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-batch-size", type=int, default=32, help="blocks per forward on the held-out set")
-    parser.add_argument("--heldout-blocks", type=int, default=0, help="evaluate on this many held-out blocks (0: all)")
+    parser.add_argument("--eval-fraction", type=float, default=EVAL_FRACTION,
+                        help="fraction of the blocks held out for evaluation (the last ones)")
     parser.add_argument("--plot", default=plot, help="where to write the PNG")
     parser.add_argument("--json", default=None, help="also write every run and the summary to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -313,8 +275,8 @@ def budget(args, wall_seconds: float) -> dict:
         "batch_size": args.batch_size,
         "block_size": args.block_size,
         "lr": args.lr,
-        "eval_batch_size": args.eval_batch_size,
-        "heldout_blocks": len(limited_corpus(args.block_size, args.heldout_blocks).heldout_blocks),
+        "eval_fraction": args.eval_fraction,
+        "heldout_blocks": prepare_corpus(args.block_size, args.eval_fraction).heldout_blocks,
         "seeds": list(args.seeds),
         "tokens_per_run": tokens,
         "wall_seconds": wall_seconds,
@@ -338,10 +300,10 @@ def finish(
         "plot": str(plot),
         "runs": runs,
     }
-    corpus = limited_corpus(args.block_size, args.heldout_blocks)
+    corpus = prepare_corpus(args.block_size, args.eval_fraction)
     print(f"\n{title}: {args.steps} steps × {args.batch_size} × {args.block_size} tokens "
-          f"({result['budget']['tokens_per_run']:,} tokens per run; {len(corpus.train_blocks)} training blocks, "
-          f"{len(corpus.heldout_blocks)} held-out blocks), seeds {list(args.seeds)}, "
+          f"({result['budget']['tokens_per_run']:,} tokens per run; {corpus.train_blocks} training blocks, "
+          f"{corpus.heldout_blocks} held-out blocks), seeds {list(args.seeds)}, "
           f"wall {result['budget']['wall_seconds']:.0f} s\n")
     print(table)
     print(f"\nplot: {plot}")

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs, description = variant_configs(args.hidden_size, args.layers, args.attention_heads, args.block_size)
     runs = common.run_variants(
         configs, args.seeds, args.steps, args.batch_size, args.block_size, args.lr, progress=not args.no_progress,
-        eval_batch_size=args.eval_batch_size, heldout_blocks=args.heldout_blocks,
+        eval_fraction=args.eval_fraction,
     )
     common.record_parameter_counts(description, runs)
     print(f"\nVariants (d={args.hidden_size}, {args.layers} layers, MoE every second layer; FLOPs = 2 × "

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-BUDGET = ["--seeds", "0", "--steps", "2", "--batch-size", "2", "--block-size", "64", "--eval-batch-size", "8",
-          "--heldout-blocks", "8", "--no-progress"]
+BUDGET = ["--seeds", "0", "--steps", "2", "--batch-size", "2", "--block-size", "64", "--eval-fraction", "0.005",
+          "--no-progress"]
 
 
 def _load(name: str):

@@ -104,6 +104,22 @@ def test_train_saves_a_hub_ready_folder_and_resumes_exactly(tmp_path, small_text
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_train_takes_a_config_object_as_it_takes_its_file(tmp_path, small_text, exact_routing_config, capsys):
+    """The reproductions hand `train` config objects: the same run as from the saved config.json, the caller's object
+    left as it was, and no progress bar when asked for none."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(exact_routing_config)
+    before = config.to_dict()
+    arguments = dict(data=[small_text], vocab_size=300, steps=3, batch_size=2, block_size=32, progress=False)
+    from_object = train(tmp_path / "object", config=config, **arguments)
+    assert config.to_dict() == before  # train sets output_router_logits and the vocabulary on its own copy
+    assert "training GRIN-MoE" not in capsys.readouterr().err
+    from_file = train(tmp_path / "file", config=exact_routing_config, **arguments)
+    losses = [json.loads((tmp_path / run / "train_summary.json").read_text())["losses"] for run in ("object", "file")]
+    assert losses[0] == losses[1] and from_object.summary["heldout_loss"] == from_file.summary["heldout_loss"]
+
+
 def test_train_command_fine_tunes_a_saved_model_on_jsonl(tmp_path, small_text, capsys):
     data = tmp_path / "data.jsonl"
     lines = small_text.read_text().split("\n\n")

@@ -6,6 +6,7 @@ the plots. Batches are drawn from a generator seeded by (seed, step), so a run r
 global batch split over N processes, sees exactly the rows an uninterrupted single-process run would.
 """
 
+import copy
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, set_seed
 
 from ..data import embedded_corpus, load_texts, token_blocks, train_tokenizer
 from ..hub import write_model_card
@@ -163,9 +164,12 @@ def _load_config(path: str | Path, what: str):
 
 
 def _source_config(model, config, preset):
-    """The config the run starts from: the fine-tuned model's, else `config`, else the preset's."""
+    """The config the run starts from: the fine-tuned model's, else `config` (a copy: training sets fields on it),
+    else the preset's."""
     if model is not None:
         return _load_config(model, "model")
+    if isinstance(config, PretrainedConfig):
+        return copy.deepcopy(config)
     if config is not None:
         return _load_config(config, "config")
     return load_preset(preset)
@@ -187,7 +191,7 @@ def _validate(steps, batch_size, gradient_accumulation_steps, block_size, learni
 def train(
     output_dir: str | Path,
     preset: str | None = "grin-moe-tiny",
-    config: str | Path | None = None,
+    config: str | Path | PretrainedConfig | None = None,
     model: str | Path | None = None,
     data: list[str | Path] | None = None,
     text_field: str = "text",
@@ -210,17 +214,19 @@ def train(
     eval_fraction: float = 0.05,
     save_dir: str | Path | None = None,
     on_before_optimizer_step: Callable[[int, torch.nn.Module], None] | None = None,
+    progress: bool = True,
 ) -> TrainResult:
     """Train a causal LM of either family and save a Hub-ready folder in `output_dir`.
 
-    The model comes from `model` (a saved folder: fine-tuning), else `config` (a config.json or folder), else `preset`.
+    The model comes from `model` (a saved folder: fine-tuning), else `config` (a config object, a config.json or a
+    folder), else `preset`.
     The text comes from `data` (text files, `.jsonl` files, folders of them) or, when `data` is None, the embedded
     corpus. The tokenizer is `tokenizer`, else the one saved with `model`, else a byte-level BPE trained on the data.
     `batch_size` is per process and per micro-step: the global batch is batch_size × processes ×
     gradient_accumulation_steps sequences of `block_size` tokens. Every `save_steps` steps a resumable checkpoint
     (`checkpoint-STEP/`: a loadable model folder plus optimizer state in safetensors) is written; `resume=True`
     continues from the latest one. The final model goes to `save_dir` (default `output_dir/model`), replacing it.
-    `on_before_optimizer_step(step, model)` sees synchronized gradients.
+    `on_before_optimizer_step(step, model)` sees synchronized gradients. `progress=False` hides the progress bar.
     Bad input raises before any training starts: missing or empty data, block_size above the model's positions,
     output folders that cannot be written, and on resume a checkpoint of another run (its fingerprint: model config,
     tokenizer, data) or one that already reached `steps`. A damaged newest checkpoint is skipped with a warning.
@@ -247,7 +253,7 @@ def train(
         raise ValueError("resuming is supported for single-process, DDP and FSDP2 runs, not under DeepSpeed")
 
     for name, path in (("model", model), ("config", config), ("tokenizer", tokenizer)):
-        if path is not None and not Path(path).exists():
+        if isinstance(path, (str, Path)) and not Path(path).exists():
             raise FileNotFoundError(f"{name} path {path} does not exist")
     source_config = _source_config(model, config, preset)
     if source_config.model_type not in ("grinmoe", "mh_moe"):
@@ -319,7 +325,7 @@ def train(
     family = "MH-MoE" if model_config.model_type == "mh_moe" else "GRIN-MoE"
     global_batch = batch_size * world * gradient_accumulation_steps
     progress = tqdm(range(start_step, steps), initial=start_step, total=steps, desc=f"training {family}", unit="step",
-                    disable=not accelerator.is_local_main_process)
+                    disable=not (progress and accelerator.is_local_main_process))
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, learning_rate, warmup_steps, steps)
