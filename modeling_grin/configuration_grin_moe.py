@@ -153,6 +153,11 @@ class GrinMoeConfig(PreTrainedConfig):
             assignment, summed over the layers (requires `load_balancing="local"`).
         norm_type (`str`, defaults to `"layernorm"`):
             GRIN's LayerNorm with bias, or `"rmsnorm"` (e.g. for models upcycled from Llama/Phi-3 checkpoints).
+        bitnet (`bool`, defaults to `False`):
+            BitNet b1.58 quantization-aware training: the attention projections, dense FFNs and experts compute with
+            ternary weights (absmean, a scale per matrix and per expert) and int8 activations (absmax per row), with
+            straight-through gradients to the full-precision latent weights; embeddings, norms, routers and the
+            lm_head stay full precision (docs/bitnet.md). `modeling_grin.bitnet_export` writes the 2-bit packed model.
     """
 
     model_type = "grinmoe"
@@ -215,6 +220,7 @@ class GrinMoeConfig(PreTrainedConfig):
     norm_type: str = "layernorm"
     router_precision: str = "float32"
     aux_loss_type: str = "switch"
+    bitnet: bool = False
 
     def __post_init__(self, **kwargs):
         # An alias (`num_experts`) would otherwise be set by transformers after the checks below, unchecked.

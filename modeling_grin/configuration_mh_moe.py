@@ -59,6 +59,9 @@ class MhMoeConfig(GrinMoeConfig):
             layer, merge bias 0. `"normal"`: router and experts normal(0, initializer_range), head bias 0;
             `"official"`: as the official code leaves them, PyTorch's `nn.Linear` default U(-1/sqrt(fan_in),
             1/sqrt(fan_in)) for the router, each expert's matrices and the head bias (router std 1/sqrt(3 d/h)).
+        bitnet (`bool`): BitNet b1.58 training as for GRIN-MoE (attention, dense FFNs, shared expert and experts
+            ternary; activations int8 per row, per sub-token for the experts); the head and merge layers stay full
+            precision, as in the official MH-MoE code.
     """
 
     model_type = "mh_moe"

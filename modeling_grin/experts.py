@@ -4,12 +4,20 @@ Each model file subclasses `SwiGLUExperts` under `@use_experts_implementation`: 
 its experts implementation when the model's own source file carries that decorator.
 """
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
+from .bitnet import dequantize_ternary, quantize_activations, ternary_codes, ternary_weight, unpack_ternary
 from .fused_experts import cpu_swiglu_experts, grouped_mm_takes_shape  # (registers experts_implementation="fused")
+
+# The implementations that compute the SwiGLU through `_apply_gate` or quantize it themselves, as BitNet needs.
+BITNET_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "fused")
+_TERNARY = ("gate_up_proj", 2), ("down_proj", 1)  # BitNet's scales per expert: gate and up apart, and down
 
 
 class SwiGLUExperts(nn.Module):
@@ -21,6 +29,8 @@ class SwiGLUExperts(nn.Module):
     `input_size` defaults to `hidden_size`; MH-MoE passes the sub-token size.
 
     The forward below is the `eager` implementation, the readable reference every faster one is tested against.
+    With `config.bitnet` every implementation computes with ternary weights and int8 activations (see
+    `bitnet_experts`); `pack_ternary_` then turns the latent weights into their 2-bit codes for inference.
     """
 
     def __init__(self, config, input_size: int | None = None):
@@ -31,6 +41,56 @@ class SwiGLUExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.bitnet = bool(getattr(config, "bitnet", False))
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up, the input of `down_proj`: int8-quantized per row under BitNet. transformers' grouped_mm
+        and batched_mm call this too."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        activated = self.act_fn(gate) * up
+        return quantize_activations(activated) if self.bitnet else activated
+
+    def __getattr__(self, name: str):
+        # While a BitNet forward runs, `gate_up_proj` and `down_proj` are the ternary weights, so every experts
+        # implementation (transformers' included) computes with them; the latent parameters keep their names in
+        # the state dict and get the straight-through gradient.
+        ternary = self.__dict__.get("_ternary_weights")
+        if ternary is not None and name in ternary:
+            return ternary[name]
+        return super().__getattr__(name)
+
+    @contextlib.contextmanager
+    def ternary_weights(self, dtype: torch.dtype):
+        """Within: the experts' weights are ternary times a scale per expert and matrix, from the latent parameters
+        (training, with straight-through gradients) or from the packed codes (after `pack_ternary_`)."""
+        if "gate_up_proj_codes" in self._buffers:
+            rows = {"gate_up_proj": 2 * self.intermediate_dim, "down_proj": self.hidden_dim}
+            weights = {
+                name: dequantize_ternary(unpack_ternary(self._buffers[f"{name}_codes"], rows[name]),
+                                         self._buffers[f"{name}_inverse_scale"], dtype)
+                for name, _ in _TERNARY
+            }
+        else:
+            weights = {name: ternary_weight(self._parameters[name], groups) for name, groups in _TERNARY}
+        self.__dict__["_ternary_weights"] = weights
+        try:
+            yield
+        finally:
+            del self.__dict__["_ternary_weights"]
+
+    @torch.no_grad()
+    def pack_ternary_(self) -> None:
+        """Replace the latent weights by their 2-bit codes (buffers `gate_up_proj_codes` `[E, ceil(2I / 4), H]`,
+        `down_proj_codes`, uint8) and inverse scales (`*_inverse_scale` `[E, 2]` and `[E, 1]`, fp32): inference only,
+        the same outputs as the training forward in eval mode."""
+        from .bitnet import pack_ternary
+
+        if not self.bitnet:
+            raise ValueError("only BitNet experts (config.bitnet=True) have ternary weights to pack")
+        for name, groups in _TERNARY:
+            codes, inverse_scale = ternary_codes(self._parameters.pop(name), groups)
+            self.register_buffer(f"{name}_codes", pack_ternary(codes))
+            self.register_buffer(f"{name}_inverse_scale", inverse_scale)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -43,8 +103,8 @@ class SwiGLUExperts(nn.Module):
             token_index, slot = torch.where(top_k_index == expert)
             if token_index.numel() == 0:
                 continue
-            gate, up = nn.functional.linear(hidden_states[token_index], gate_up_proj).chunk(2, dim=-1)
-            expert_output = nn.functional.linear(self.act_fn(gate) * up, down_proj)
+            gate_up = nn.functional.linear(hidden_states[token_index], gate_up_proj)
+            expert_output = nn.functional.linear(self._apply_gate(gate_up), down_proj)
             expert_output = expert_output * top_k_weights[token_index, slot, None]
             output.index_add_(0, token_index, expert_output.to(output.dtype))
         return output
@@ -69,3 +129,24 @@ def default_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 # The experts implementations our models dispatch through: transformers' own, with grouped_mm replaced by ours.
 EXPERTS_FUNCTIONS = ExpertsInterface()
 EXPERTS_FUNCTIONS["grouped_mm"] = default_experts_forward
+
+
+def bitnet_experts(experts_class: type[SwiGLUExperts]) -> type[SwiGLUExperts]:
+    """Wrap the forward that `use_experts_implementation` dispatches: under `config.bitnet` the chosen implementation
+    runs on int8 inputs (per row) with the ternary weights in place of the latent ones (`ternary_weights`); the SwiGLU
+    output is quantized by `_apply_gate` (or inside `fused`)."""
+    dispatch = experts_class.forward
+
+    @functools.wraps(dispatch)
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        if not self.bitnet:
+            return dispatch(self, hidden_states, top_k_index, top_k_weights)
+        implementation = self.config._experts_implementation or "eager"
+        if implementation not in BITNET_EXPERTS_IMPLEMENTATIONS:
+            raise ValueError(f"bitnet=True runs the experts with experts_implementation one of "
+                             f"{BITNET_EXPERTS_IMPLEMENTATIONS}, got {implementation!r}")
+        with self.ternary_weights(hidden_states.dtype):
+            return dispatch(self, quantize_activations(hidden_states), top_k_index, top_k_weights)
+
+    experts_class.forward = forward
+    return experts_class

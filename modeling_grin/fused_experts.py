@@ -24,6 +24,8 @@ dW_gate_up = dgate_up^T xs per expert (xs gathered again); dx rows = dgate_up @ 
 gather and a batched dot.
 Saved for the backward: gate_up only (the [R, 2I] pre-activations), as in the Triton kernels; the inputs are kept by
 reference.
+BitNet (`quantize_glu`): h is int8-quantized per row before W_down, in the forward and again (the same bits) in the
+backward, whose gradient passes straight through it.
 """
 
 import itertools
@@ -34,6 +36,7 @@ from torch import nn
 from transformers.activations import ACT2FN, SiLUActivation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
+from .bitnet import int8_activations
 from .triton_experts import runs_here, triton_swiglu_experts
 
 
@@ -105,6 +108,11 @@ class _Plan:
         return pairs.view(self.num_tokens, self.top_k, -1)
 
 
+def _is_bitnet(experts) -> bool:
+    """Our experts under `config.bitnet` (other models' experts, e.g. transformers' Phimoe under `fused`, are not)."""
+    return getattr(experts, "bitnet", False)
+
+
 def _is_silu(act_fn) -> bool:
     return isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ == "SiLUActivation" or act_fn is nn.functional.silu
 
@@ -154,19 +162,23 @@ def _sorted_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
+    quantize_glu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> output [T, H], and gate_up [R, 2I] for the backward."""
     dtype, act_fn = hidden_states.dtype, ACT2FN[activation]
     plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
     gate_up = plan.rows_matmul(plan.gather_rows(hidden_states), gate_up_proj.to(dtype).transpose(1, 2))
-    expert_outputs = plan.rows_matmul(_glu_forward(gate_up, act_fn), down_proj.to(dtype).transpose(1, 2))
+    activated = _glu_forward(gate_up, act_fn)
+    if quantize_glu:
+        activated = int8_activations(activated)
+    expert_outputs = plan.rows_matmul(activated, down_proj.to(dtype).transpose(1, 2))
     pair_outputs = plan.rows_to_pairs(expert_outputs)  # [T, k, H]
     output = torch.bmm(routing_weights.to(dtype).unsqueeze(1), pair_outputs).squeeze(1)
     return output, gate_up
 
 
 @_sorted_experts.register_fake
-def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation):
+def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation, quantize_glu):
     num_rows = torch.library.get_ctx().new_dynamic_size()  # the routed pairs (N less the sentinels on the CPU)
     return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(num_rows, gate_up_proj.shape[1])
 
@@ -181,6 +193,7 @@ def _sorted_experts_backward(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str,
+    quantize_glu: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> gradients w.r.t. hidden_states, routing_weights, gate_up_proj, down_proj (empty where `needs` is False)."""
@@ -194,6 +207,8 @@ def _sorted_experts_backward(
     grad_pre_weight = plan.rows_matmul(grad_rows, down_proj.to(dtype))  # dY W_down: d out / d h before weighting
     row_weight = plan.row_weight.unsqueeze(1)
     activated, grad_gate_up = _glu_backward(gate_up, grad_pre_weight * row_weight, act_fn)
+    if quantize_glu:  # what W_down multiplied in the forward
+        activated = int8_activations(activated)
     if need_weights:  # d out[t] / d w[t, k] = <dY[t], h W_down^T> = <dY[t] W_down, h>
         row_dots = (grad_pre_weight * activated).sum(1, keepdim=True)
         grad_routing = plan.rows_to_pairs(row_dots).view_as(routing_weights).to(routing_weights.dtype)
@@ -214,7 +229,8 @@ def _sorted_experts_backward(
 
 
 @_sorted_experts_backward.register_fake
-def _(grad_output, hidden_states, routing_weights, expert_index, gate_up, gate_up_proj, down_proj, activation, needs):
+def _(grad_output, hidden_states, routing_weights, expert_index, gate_up, gate_up_proj, down_proj, activation,
+      quantize_glu, needs):
     shapes_and_dtypes = (
         (hidden_states.shape, hidden_states.dtype),
         (routing_weights.shape, routing_weights.dtype),
@@ -228,20 +244,20 @@ def _(grad_output, hidden_states, routing_weights, expert_index, gate_up, gate_u
 
 
 def _setup_context(ctx, inputs, output):
-    hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation = inputs
-    ctx.activation = activation
+    hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation, quantize_glu = inputs
+    ctx.activation, ctx.quantize_glu = activation, quantize_glu
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(hidden_states, routing_weights, expert_index, output[1], gate_up_proj, down_proj)
 
 
 def _backward(ctx, grad_output, _grad_gate_up):
-    need_hidden, need_weights, _, need_gate_up, need_down, _ = ctx.needs_input_grad
+    need_hidden, need_weights, _, need_gate_up, need_down, _, _ = ctx.needs_input_grad
     needs = [need_hidden, need_weights, need_gate_up, need_down]
-    grads = _sorted_experts_backward(grad_output, *ctx.saved_tensors, ctx.activation, needs)
+    grads = _sorted_experts_backward(grad_output, *ctx.saved_tensors, ctx.activation, ctx.quantize_glu, needs)
     grad_hidden, grad_routing, grad_gate_up_proj, grad_down = (
         grad if needed else None for grad, needed in zip(grads, needs, strict=True)
     )
-    return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None
+    return grad_hidden, grad_routing, None, grad_gate_up_proj, grad_down, None, None
 
 
 _sorted_experts.register_autograd(_backward, setup_context=_setup_context)
@@ -254,11 +270,14 @@ def sorted_swiglu_experts(
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
     activation: str = "silu",
+    quantize_glu: bool = False,
 ) -> torch.Tensor:
     """sum_k top_k_weights[t, k] * down_e(act(gate_e x_t) * up_e x_t) with e = top_k_index[t, k]: the PyTorch `fused`
-    path on any device, `activation` a name of transformers' ACT2FN. Shapes and ids (sentinels >= E skipped) as for
-    `triton_swiglu_experts`; differentiable w.r.t. hidden_states, top_k_weights and both weights."""
-    return _sorted_experts(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, activation)[0]
+    path on any device, `activation` a name of transformers' ACT2FN, `quantize_glu` BitNet's int8 SwiGLU output.
+    Shapes and ids (sentinels >= E skipped) as for `triton_swiglu_experts`; differentiable w.r.t. hidden_states,
+    top_k_weights and both weights."""
+    return _sorted_experts(hidden_states, top_k_weights, top_k_index, gate_up_proj, down_proj, activation,
+                           quantize_glu)[0]
 
 
 def grouped_mm_takes_shape(experts, dtype: torch.dtype) -> bool:
@@ -277,14 +296,13 @@ def few_pairs_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights)
     pair_experts = top_k_index.reshape(-1).tolist()
     if min(pair_experts) >= experts.num_experts:  # only sentinels: the sorted path's zeros carry (zero) gradients
         return sorted_swiglu_experts(hidden_states, top_k_weights, top_k_index, experts.gate_up_proj,
-                                     experts.down_proj, experts.config.hidden_act)
+                                     experts.down_proj, experts.config.hidden_act, _is_bitnet(experts))
     gate_up_rows = [
         nn.functional.linear(hidden_states[pair // top_k].unsqueeze(0), experts.gate_up_proj[expert])
         if expert < experts.num_experts else hidden_states.new_zeros(1, experts.gate_up_proj.shape[1])  # h = 0
         for pair, expert in enumerate(pair_experts)
     ]
-    gate, up = torch.cat(gate_up_rows).chunk(2, dim=-1)
-    activated = experts.act_fn(gate) * up
+    activated = experts._apply_gate(torch.cat(gate_up_rows))
     outputs = torch.cat([
         nn.functional.linear(activated[pair].unsqueeze(0), experts.down_proj[expert])
         if expert < experts.num_experts else hidden_states.new_zeros(1, hidden_states.shape[1])
@@ -316,24 +334,26 @@ def cpu_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights) -> to
     if not needs_backward and grouped_mm_takes_shape(experts, hidden_states.dtype):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_states, top_k_index, top_k_weights)
     return sorted_swiglu_experts(hidden_states, top_k_weights, top_k_index, experts.gate_up_proj, experts.down_proj,
-                                 experts.config.hidden_act)
+                                 experts.config.hidden_act, _is_bitnet(experts))
 
 
 def fused_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """`experts_implementation="fused"`: Triton kernels for SiLU experts on CUDA (`triton_experts.py`), otherwise the
-    sorted per-expert GEMM path above."""
+    """`experts_implementation="fused"`: Triton kernels for SiLU experts on CUDA (`triton_experts.py`), otherwise (and
+    under BitNet, whose per-row quantization of the SwiGLU output the kernels do not do) the sorted per-expert GEMM
+    path above."""
     if self.is_transposed or self.has_bias or not self.has_gate:
         raise ValueError("the fused experts implementation supports gated experts without bias in [E, out, in] layout")
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    if isinstance(self.act_fn, SiLUActivation) and runs_here(hidden_states):
+    if isinstance(self.act_fn, SiLUActivation) and runs_here(hidden_states) and not _is_bitnet(self):
         return triton_swiglu_experts(
             hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj
         )
     if hidden_states.device.type == "cpu":
         return cpu_swiglu_experts(self, hidden_states, top_k_index, top_k_weights)
     return sorted_swiglu_experts(
-        hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj, self.config.hidden_act
+        hidden_states, top_k_weights, top_k_index, self.gate_up_proj, self.down_proj, self.config.hidden_act,
+        _is_bitnet(self),
     )
 
 

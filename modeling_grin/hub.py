@@ -16,6 +16,7 @@ RUNTIME_MODULES = (
     "configuration_grin_moe.py",
     "configuration_mh_moe.py",
     "sparsemixer.py",
+    "bitnet.py",
     "experts.py",
     "fused_experts.py",
     "triton_experts.py",

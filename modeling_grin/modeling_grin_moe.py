@@ -26,8 +26,9 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from .bitnet import linear_class
 from .configuration_grin_moe import GrinMoeConfig
-from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts
+from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts, bitnet_experts
 from .losses import gshard_load_balancing_loss, load_balancing_loss, router_z_loss
 from .sparsemixer import GrinMoeRouter
 
@@ -70,11 +71,11 @@ class GrinMoeAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
+        bias, linear = config.attention_bias, linear_class(config)  # BitNetLinear under config.bitnet
+        self.q_proj = linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -128,6 +129,7 @@ def _check_attention_output(output: torch.Tensor, inputs: tuple[torch.Tensor, ..
         )
 
 
+@bitnet_experts
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class GrinMoeExperts(SwiGLUExperts):
     """GRIN's SwiGLU experts; `experts_implementation` picks eager (the inherited forward), grouped_mm or batched_mm."""

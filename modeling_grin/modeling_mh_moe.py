@@ -15,8 +15,9 @@ from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 
+from .bitnet import linear_class
 from .configuration_mh_moe import MhMoeConfig
-from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts
+from .experts import EXPERTS_FUNCTIONS, SwiGLUExperts, bitnet_experts
 from .modeling_grin_moe import (
     GrinMoeAttention,
     GrinMoeDecoderLayer,
@@ -29,6 +30,7 @@ from .modeling_grin_moe import (
 from .sparsemixer import GrinMoeRouter
 
 
+@bitnet_experts
 @use_experts_implementation(experts_interface=EXPERTS_FUNCTIONS)
 class MhMoeExperts(SwiGLUExperts):
     """The shared expert pool, acting on sub-tokens of size hidden_size / moe_heads."""
@@ -39,9 +41,10 @@ class MhMoeMLP(nn.Module):
 
     def __init__(self, config: MhMoeConfig, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        linear = linear_class(config)  # BitNetLinear under config.bitnet
+        self.gate_proj = linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = linear(config.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = linear(intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -209,14 +209,15 @@ def test_both_model_families_match_eager(family, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
-@pytest.mark.parametrize("activation", ["silu", "gelu"])
-def test_custom_operators_pass_opcheck(layout, activation):
+@pytest.mark.parametrize(("activation", "quantize_glu"), [("silu", False), ("silu", True), ("gelu", False)])
+def test_custom_operators_pass_opcheck(layout, activation, quantize_glu):
     """Schema, fake (meta) implementation with its data-dependent row count, autograd registration, AOT tracing."""
     generator = torch.Generator().manual_seed(0)
     index, weights = random_routing(9, 4, 2)
     index[0, 0] = 4  # a sentinel too
     gate_up_proj, down_proj = torch.randn(4, 24, 16, generator=generator), torch.randn(4, 16, 12, generator=generator)
-    arguments = [torch.randn(9, 16, generator=generator), weights, index, gate_up_proj, down_proj, activation]
+    arguments = [torch.randn(9, 16, generator=generator), weights, index, gate_up_proj, down_proj, activation,
+                 quantize_glu]
     for position in (0, 1, 3, 4):
         arguments[position] = arguments[position].clone().requires_grad_(True)
     # Other activations take their derivative with torch.func.vjp inside the backward, whose wrapped tensors opcheck's
@@ -228,7 +229,7 @@ def test_custom_operators_pass_opcheck(layout, activation):
     torch.library.opcheck(fused_experts._sorted_experts, tuple(arguments), test_utils=checks)
     output, gate_up = fused_experts._sorted_experts(*arguments)
     backward_arguments = (torch.randn_like(output), arguments[0].detach(), weights, index, gate_up, gate_up_proj,
-                          down_proj, activation, [True, True, False, True])  # fmt: skip
+                          down_proj, activation, quantize_glu, [True, True, False, True])  # fmt: skip
     torch.library.opcheck(fused_experts._sorted_experts_backward, backward_arguments,
                           test_utils=checks)  # fmt: skip
 
