@@ -113,6 +113,9 @@ def translate_config(config: dict, to: str, dtype: str | None = None) -> dict:
         output["dtype"] = dtype
         output.pop("torch_dtype", None)
     if to == "phimoe":
+        if output.get("bitnet"):
+            raise ConversionError("transformers' Phimoe has no ternary weights; this model was trained with "
+                                  "bitnet=True (export it with modeling_grin.bitnet_export instead)")
         if output.get("router_type", "sparsemixer_v2") != "sparsemixer_v2":
             raise ConversionError("transformers' Phimoe routes only with SparseMixer; this model uses softmax_topk")
         if output.get("num_experts_per_tok", 2) != 2:
