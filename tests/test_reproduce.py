@@ -60,6 +60,20 @@ def test_reproduce_mhmoe(tmp_path):
     assert result["ordering_matches_paper"] is (result["ranking"] == paper)
 
 
+def test_reproduce_mhmoe_under_bitnet(tmp_path):
+    """--bitnet: the same four variants at the same FLOPs, each trained as BitNet b1.58, ranked against Table 3."""
+    module = _load("reproduce_mhmoe")
+    json_path, plot_path = tmp_path / "bitnet.json", tmp_path / "bitnet.png"
+    result = module.main([*BUDGET, "--hidden-size", "24", "--layers", "2", "--bitnet", "--plot", str(plot_path),
+                          "--json", str(json_path)])
+    variants = ["SMoE", "fine-grained", "MH-MoE h=2", "MH-MoE h=3"]
+    _check_common(result, variants, "SMoE", json_path, plot_path)
+    assert all(result["variants"][name]["bitnet"] is True for name in variants)
+    assert result["paper_ppl_100k"] == module.PAPER_PPL_100K_BITNET
+    configs, _ = module.variant_configs(24, 2, 4, 64, bitnet=True)
+    assert all(config.bitnet for config in configs.values())
+
+
 def test_reproduce_sparsemixer(tmp_path):
     module = _load("reproduce_sparsemixer")
     json_path, plot_path = tmp_path / "sm.json", tmp_path / "sm.png"
