@@ -94,6 +94,11 @@ class BitNetLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(quantize_activations(input), ternary_weight(self.weight), self.bias)
 
+    @torch.no_grad()
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """The quantized weight as `PackedTernaryLinear` holds it: `weight_codes`, `weight_inverse_scale`."""
+        return packed_weight_state("weight", self.weight)
+
 
 def linear_class(config) -> type[nn.Linear]:
     """The class of the layers BitNet quantizes (attention projections, dense FFNs) under `config`."""
@@ -121,6 +126,12 @@ def unpack_ternary(packed: torch.Tensor, rows: int, dtype: torch.dtype = torch.f
     return unpack_weights(packed.movedim(-2, 0).contiguous(), dtype=dtype)[:rows].movedim(0, -2)
 
 
+def packed_weight_state(name: str, weight: torch.Tensor, groups: int = 1) -> dict[str, torch.Tensor]:
+    """`{name}_codes` (the packed codes) and `{name}_inverse_scale` of a latent weight: what inference keeps."""
+    codes, inverse_scale = ternary_codes(weight, groups)
+    return {f"{name}_codes": pack_ternary(codes), f"{name}_inverse_scale": inverse_scale}
+
+
 class PackedTernaryLinear(nn.Module):
     """A `BitNetLinear` for inference from its packed codes: `weight_codes` (uint8, 4 codes per byte) and
     `weight_inverse_scale` (1 / mean|W|, fp32, transformers' `BitLinear` convention) give the exact weight of the
@@ -132,6 +143,13 @@ class PackedTernaryLinear(nn.Module):
         self.register_buffer("weight_codes", torch.zeros((out_features + 3) // 4, in_features, dtype=torch.uint8))
         self.register_buffer("weight_inverse_scale", torch.ones(1, 1))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_bitnet(cls, linear: BitNetLinear) -> "PackedTernaryLinear":
+        packed = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=linear.weight.dtype)
+        packed.load_state_dict({**linear.packed_state(), **({"bias": linear.bias} if linear.bias is not None else {})})
+        return packed
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         codes = unpack_ternary(self.weight_codes, self.out_features)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .bitnet import BitNetLinear, PackedTernaryLinear, pack_ternary, ternary_codes
+from .bitnet import BitNetLinear, PackedTernaryLinear
 from .experts import SwiGLUExperts
 
 TERNARY_FILE = "model.ternary.safetensors"
@@ -34,22 +34,16 @@ def _quantized_modules(model):
 
 @torch.no_grad()
 def ternary_state_dict(model) -> dict[str, torch.Tensor]:
-    """The tensors of the packed export (see the module docstring), keyed by the model's module names."""
+    """The tensors of the packed export (see the module docstring): the state dict of the model `pack_model_` makes,
+    computed without changing `model`."""
     if not getattr(model.config, "bitnet", False):
         raise ValueError("only a model with config.bitnet=True has ternary weights to export")
-    tensors = {}
-    quantized = set()
+    tensors = {key: tensor.detach().clone().contiguous() for key, tensor in model.state_dict().items()}
     for name, module in _quantized_modules(model):
         prefix = f"{name}." if name else ""
-        parameters = {"weight": 1} if isinstance(module, BitNetLinear) else {"gate_up_proj": 2, "down_proj": 1}
-        for parameter, groups in parameters.items():
-            codes, inverse_scale = ternary_codes(getattr(module, parameter), groups)
-            tensors[f"{prefix}{parameter}_codes"] = pack_ternary(codes)
-            tensors[f"{prefix}{parameter}_inverse_scale"] = inverse_scale.contiguous()
-            quantized.add(f"{prefix}{parameter}")
-    for key, tensor in model.state_dict().items():
-        if key not in quantized:
-            tensors[key] = tensor.detach().clone().contiguous()
+        for parameter in ("weight",) if isinstance(module, BitNetLinear) else ("gate_up_proj", "down_proj"):
+            del tensors[f"{prefix}{parameter}"]
+        tensors.update({f"{prefix}{key}": tensor.contiguous() for key, tensor in module.packed_state().items()})
     if model.config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # the embedding, tied again on load
     return tensors
@@ -88,15 +82,8 @@ def pack_model_(model) -> None:
     for name, module in list(_quantized_modules(model)):
         if isinstance(module, SwiGLUExperts):
             module.pack_ternary_()
-            continue
-        packed = PackedTernaryLinear(module.in_features, module.out_features, module.bias is not None,
-                                     dtype=module.weight.dtype)
-        codes, inverse_scale = ternary_codes(module.weight)
-        packed.weight_codes.copy_(pack_ternary(codes))
-        packed.weight_inverse_scale.copy_(inverse_scale)
-        if module.bias is not None:
-            packed.bias.data.copy_(module.bias.detach())
-        model.set_submodule(name, packed)
+        else:
+            model.set_submodule(name, PackedTernaryLinear.from_bitnet(module))
 
 
 def load_ternary(folder: str | Path):

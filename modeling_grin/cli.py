@@ -125,6 +125,18 @@ def _upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_ternary(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .bitnet_export import export_ternary
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    summary = export_ternary(model, args.destination)
+    print(f"wrote {args.destination}: {summary['file_bytes'] / 2**20:,.2f} MiB, {summary['ternary_values']:,} "
+          f"ternary weights in 2 bits, {summary['full_precision_values']:,} values in full precision")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -284,6 +296,17 @@ def build_parser() -> argparse.ArgumentParser:
     upcycle.add_argument("--seed", type=int, default=0)
     _add_output_options(upcycle)
     upcycle.set_defaults(handler=_upcycle)
+
+    export = commands.add_parser(
+        "export-ternary",
+        help="write the 2-bit packed ternary form of a model trained with bitnet=True",
+        description="Pack every ternary weight of a saved BitNet b1.58 model (attention, dense FFNs, experts) into 2 "
+        "bits with its scale, the rest as it is: model.ternary.safetensors and config.json, loaded by "
+        "modeling_grin.bitnet_export.load_ternary with the same logits. The destination must not exist or be empty.",
+    )
+    export.add_argument("model", help="a folder written by save_pretrained, with bitnet: true in its config")
+    export.add_argument("destination", help="folder to create")
+    export.set_defaults(handler=_export_ternary)
     return parser
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
-from .bitnet import dequantize_ternary, quantize_activations, ternary_codes, ternary_weight, unpack_ternary
+from .bitnet import dequantize_ternary, packed_weight_state, quantize_activations, ternary_weight, unpack_ternary
 from .fused_experts import cpu_swiglu_experts, grouped_mm_takes_shape  # (registers experts_implementation="fused")
 
 # The implementations that compute the SwiGLU through `_apply_gate` or quantize it themselves, as BitNet needs.
@@ -79,18 +79,21 @@ class SwiGLUExperts(nn.Module):
             del self.__dict__["_ternary_weights"]
 
     @torch.no_grad()
-    def pack_ternary_(self) -> None:
-        """Replace the latent weights by their 2-bit codes (buffers `gate_up_proj_codes` `[E, ceil(2I / 4), H]`,
-        `down_proj_codes`, uint8) and inverse scales (`*_inverse_scale` `[E, 2]` and `[E, 1]`, fp32): inference only,
-        the same outputs as the training forward in eval mode."""
-        from .bitnet import pack_ternary
-
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """The 2-bit codes (`gate_up_proj_codes` `[E, ceil(2I / 4), H]`, `down_proj_codes`, uint8) and inverse scales
+        (`*_inverse_scale` `[E, 2]` and `[E, 1]`, fp32) of the ternary weights."""
         if not self.bitnet:
             raise ValueError("only BitNet experts (config.bitnet=True) have ternary weights to pack")
-        for name, groups in _TERNARY:
-            codes, inverse_scale = ternary_codes(self._parameters.pop(name), groups)
-            self.register_buffer(f"{name}_codes", pack_ternary(codes))
-            self.register_buffer(f"{name}_inverse_scale", inverse_scale)
+        return {key: tensor for name, groups in _TERNARY
+                for key, tensor in packed_weight_state(name, self._parameters[name], groups).items()}
+
+    def pack_ternary_(self) -> None:
+        """Replace the latent weights by `packed_state()`: inference only, the same outputs as the training forward
+        in eval mode."""
+        for key, tensor in self.packed_state().items():
+            self.register_buffer(key, tensor)
+        for name, _ in _TERNARY:
+            del self._parameters[name]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

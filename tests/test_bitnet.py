@@ -296,3 +296,35 @@ def test_bitnet_is_a_checked_config_field_and_phimoe_cannot_take_it(tmp_path):
     with pytest.raises(ConversionError, match="bitnet"):
         convert_checkpoint(tmp_path / "source", tmp_path / "phimoe", to="phimoe")
     assert not (tmp_path / "phimoe").exists()
+
+
+def test_export_ternary_command(tmp_path, capsys):
+    from modeling_grin.cli import main
+
+    model = bitnet_model("mh")
+    model.save_pretrained(tmp_path / "model")
+    assert main(["export-ternary", str(tmp_path / "model"), str(tmp_path / "packed")]) == 0
+    assert "ternary weights in 2 bits" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(load_ternary(tmp_path / "packed")(input_ids=ids()).logits, model(input_ids=ids()).logits)
+    assert main(["export-ternary", str(tmp_path / "model"), str(tmp_path / "packed")]) == 2  # not empty: refused
+    assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_export_benchmark_reports_sizes_and_speeds():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bitnet_export.py"
+    spec = importlib.util.spec_from_file_location("bitnet_export_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--model-shape", "tiny", "--rounds", "1"])
+    rows = {row["contestant"]: row for row in result["rows"]}
+    assert list(rows) == ["fp32", "bf16", "bitnet latent", "bitnet packed"]
+    assert rows["bf16"]["file_bytes"] < rows["fp32"]["file_bytes"] == pytest.approx(rows["bitnet latent"]["file_bytes"],
+                                                                                      rel=0.01)
+    assert rows["bitnet packed"]["in_memory_bytes"] < rows["bitnet latent"]["in_memory_bytes"]
+    assert rows["fp32"]["decode_speed_vs_fp32"] == 1.0
+    for name, row in rows.items():
+        assert row["decode_speed_vs_fp32"] == pytest.approx(result["times"]["fp32"][0] / result["times"][name][0])

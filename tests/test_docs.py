@@ -67,6 +67,8 @@ API_COMPLETE_MODULES = (
     "modeling_grin.modeling_mh_moe",
     "modeling_grin.sparsemixer",
     "modeling_grin.experts",
+    "modeling_grin.bitnet",
+    "modeling_grin.bitnet_export",
     "modeling_grin.losses",
     "modeling_grin.presets",
     "modeling_grin.conversion",
