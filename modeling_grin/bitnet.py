@@ -120,10 +120,14 @@ def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(packed: torch.Tensor, rows: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The inverse of `pack_ternary`, for a matrix of `rows` rows (the padding slots decode as -1: cut off)."""
-    from transformers.integrations.bitnet import unpack_weights
+    """The inverse of `pack_ternary`, for a matrix of `rows` rows (the padding slots decode as -1: cut off).
 
-    return unpack_weights(packed.movedim(-2, 0).contiguous(), dtype=dtype)[:rows].movedim(0, -2)
+    transformers' `unpack_weights` with the same layout (tested equal) is torch.compile'd: on this CPU 5.7 s for its
+    first call and 55 ms per call for 16 experts of [800, 256] codes, against 7 ms for these shifts in eager mode."""
+    shifts = torch.arange(0, 8, 2, dtype=torch.uint8, device=packed.device).view(4, 1, 1)
+    codes = (packed.unsqueeze(-3) >> shifts) & 3  # [..., 4, R, cols]: block i holds rows i R .. (i + 1) R - 1
+    codes = codes.reshape(*packed.shape[:-2], 4 * packed.shape[-2], packed.shape[-1])[..., :rows, :]
+    return codes.to(dtype) - 1
 
 
 def packed_weight_state(name: str, weight: torch.Tensor, groups: int = 1) -> dict[str, torch.Tensor]:

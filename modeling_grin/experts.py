@@ -13,7 +13,11 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 from .bitnet import dequantize_ternary, packed_weight_state, quantize_activations, ternary_weight, unpack_ternary
-from .fused_experts import cpu_swiglu_experts, grouped_mm_takes_shape  # (registers experts_implementation="fused")
+from .fused_experts import (  # (registers experts_implementation="fused")
+    FEW_PAIRS_PER_EXPERT,
+    cpu_swiglu_experts,
+    grouped_mm_takes_shape,
+)
 
 # The implementations that compute the SwiGLU through `_apply_gate` or quantize it themselves, as BitNet needs.
 BITNET_EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "fused")
@@ -60,21 +64,31 @@ class SwiGLUExperts(nn.Module):
         return super().__getattr__(name)
 
     @contextlib.contextmanager
-    def ternary_weights(self, dtype: torch.dtype):
+    def ternary_weights(self, dtype: torch.dtype, top_k_index: torch.Tensor):
         """Within: the experts' weights are ternary times a scale per expert and matrix, from the latent parameters
-        (training, with straight-through gradients) or from the packed codes (after `pack_ternary_`)."""
-        if "gate_up_proj_codes" in self._buffers:
+        (training, with straight-through gradients) or from the packed codes (after `pack_ternary_`). Yields the
+        expert ids to compute with: decoding from packed codes on the CPU (as few routed pairs as take
+        `few_pairs_swiglu_experts`) unpacks only the experts that were hit, renumbered in order (sentinels stay
+        >= E)."""
+        if "gate_up_proj_codes" not in self._buffers:
+            weights = {name: ternary_weight(self._parameters[name], groups) for name, groups in _TERNARY}
+        else:
+            experts = slice(None)
+            few_pairs = top_k_index.numel() <= FEW_PAIRS_PER_EXPERT * self.num_experts
+            if few_pairs and top_k_index.device.type == "cpu" and not torch.compiler.is_compiling():
+                experts = torch.unique(top_k_index[top_k_index < self.num_experts])
+                renumber = top_k_index.new_full((self.num_experts + 1,), self.num_experts)
+                renumber[experts] = torch.arange(len(experts), device=experts.device)
+                top_k_index = renumber[top_k_index.clamp(max=self.num_experts)]
             rows = {"gate_up_proj": 2 * self.intermediate_dim, "down_proj": self.hidden_dim}
             weights = {
-                name: dequantize_ternary(unpack_ternary(self._buffers[f"{name}_codes"], rows[name]),
-                                         self._buffers[f"{name}_inverse_scale"], dtype)
+                name: dequantize_ternary(unpack_ternary(self._buffers[f"{name}_codes"][experts], rows[name]),
+                                         self._buffers[f"{name}_inverse_scale"][experts], dtype)
                 for name, _ in _TERNARY
             }
-        else:
-            weights = {name: ternary_weight(self._parameters[name], groups) for name, groups in _TERNARY}
         self.__dict__["_ternary_weights"] = weights
         try:
-            yield
+            yield top_k_index
         finally:
             del self.__dict__["_ternary_weights"]
 
@@ -148,8 +162,8 @@ def bitnet_experts(experts_class: type[SwiGLUExperts]) -> type[SwiGLUExperts]:
         if implementation not in BITNET_EXPERTS_IMPLEMENTATIONS:
             raise ValueError(f"bitnet=True runs the experts with experts_implementation one of "
                              f"{BITNET_EXPERTS_IMPLEMENTATIONS}, got {implementation!r}")
-        with self.ternary_weights(hidden_states.dtype):
-            return dispatch(self, quantize_activations(hidden_states), top_k_index, top_k_weights)
+        with self.ternary_weights(hidden_states.dtype, top_k_index) as expert_index:
+            return dispatch(self, quantize_activations(hidden_states), expert_index, top_k_weights)
 
     experts_class.forward = forward
     return experts_class

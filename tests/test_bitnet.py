@@ -106,6 +106,9 @@ def test_packing_round_trips_and_uses_two_bits_per_weight():
     packed = pack_ternary(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 3, 7)  # ceil(10 / 4) rows of bytes per expert
     assert torch.equal(unpack_ternary(packed, 10), codes)
+    from transformers.integrations.bitnet import unpack_weights  # the layout is transformers' (dim 0 per expert)
+
+    assert torch.equal(unpack_ternary(packed[1], 10), unpack_weights(packed[1], torch.float32)[:10])
     assert torch.equal(codes, torch.randint(-1, 2, (3, 10, 7), generator=torch.Generator().manual_seed(0)).float())
 
 
@@ -328,3 +331,30 @@ def test_export_benchmark_reports_sizes_and_speeds():
     assert rows["fp32"]["decode_speed_vs_fp32"] == 1.0
     for name, row in rows.items():
         assert row["decode_speed_vs_fp32"] == pytest.approx(result["times"]["fp32"][0] / result["times"][name][0])
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "batched_mm", "fused"])
+def test_packed_experts_decode_from_the_experts_they_hit(implementation):
+    """A decoded token (few routed pairs) unpacks only its experts, renumbered; an expert-parallel sentinel (id >= E)
+    still contributes zero. The same bits as the latent experts, and as the packed ones over more tokens."""
+    model = bitnet_model("grin")
+    model.set_experts_implementation(implementation)
+    latent = model.model.layers[0].mlp.experts
+    packed = bitnet_model("grin")
+    packed.load_state_dict(model.state_dict())
+    packed.set_experts_implementation(implementation)
+    packed = packed.model.layers[0].mlp.experts
+    packed.pack_ternary_()
+    hidden = torch.randn(1, latent.hidden_dim, generator=torch.Generator().manual_seed(0))
+    cases = [[[3, 1]]]
+    if implementation != "batched_mm":  # (transformers' batched_mm reads sentinels only under expert parallelism)
+        cases.append([[2, latent.num_experts]])  # a sentinel in slot 2
+    for index in cases:
+        index, weights = torch.tensor(index), torch.tensor([[0.7, 0.4]])
+        with torch.no_grad():
+            expected = latent(hidden, index.clamp(max=latent.num_experts - 1), weights * (index < 4))
+            assert torch.equal(packed(hidden, index, weights), expected), index
+    many = torch.randn(6, latent.hidden_dim, generator=torch.Generator().manual_seed(1))
+    index, weights = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3]]), torch.rand(6, 2)
+    with torch.no_grad():
+        assert torch.equal(packed(many, index, weights), latent(many, index, weights))
