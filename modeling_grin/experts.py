@@ -71,6 +71,9 @@ class SwiGLUExperts(nn.Module):
         `few_pairs_swiglu_experts`) unpacks only the experts that were hit, renumbered in order (sentinels stay
         >= E)."""
         if "gate_up_proj_codes" not in self._buffers:
+            if nn.utils.parametrize.is_parametrized(self):  # a parametrization's property would bypass the swap
+                raise ValueError("bitnet=True experts cannot be parametrized (PEFT LoRA on the experts, "
+                                 "target_parameters): adapt the attention only, lora_config(model, experts=False)")
             weights = {name: ternary_weight(self._parameters[name], groups) for name, groups in _TERNARY}
         else:
             experts = slice(None)

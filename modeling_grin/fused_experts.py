@@ -200,8 +200,8 @@ def _sorted_experts_backward(
     need_hidden, need_weights, need_gate_up, need_down = needs
     dtype, act_fn = gate_up.dtype, ACT2FN[activation]
     plan = _Plan(expert_index, routing_weights, gate_up_proj.shape[0], dtype)
-    nothing = grad_output.new_empty(0)
-    grad_hidden = grad_routing = grad_gate_up_proj = grad_down = nothing
+    # one empty tensor per gradient not needed: a custom operator's outputs may not alias each other
+    grad_hidden, grad_routing, grad_gate_up_proj, grad_down = (grad_output.new_empty(0) for _ in range(4))
 
     grad_rows = plan.gather_rows(grad_output.to(dtype))  # dY[token(r)]
     grad_pre_weight = plan.rows_matmul(grad_rows, down_proj.to(dtype))  # dY W_down: d out / d h before weighting

@@ -358,3 +358,19 @@ def test_packed_experts_decode_from_the_experts_they_hit(implementation):
     index, weights = torch.tensor([[0, 1], [2, 3], [1, 0], [3, 2], [0, 2], [1, 3]]), torch.rand(6, 2)
     with torch.no_grad():
         assert torch.equal(packed(many, index, weights), latent(many, index, weights))
+
+
+def test_lora_on_a_bitnet_model_adapts_the_attention_and_refuses_the_experts():
+    from peft import get_peft_model
+
+    from modeling_grin.training import lora_config
+
+    model = get_peft_model(bitnet_model("grin"), lora_config(bitnet_model("grin"), r=4, experts=False))
+    model.train()
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    lora = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert lora and all(grad is not None for grad in lora.values())
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, BitNetLinear)
+    with_experts = get_peft_model(bitnet_model("grin"), lora_config(bitnet_model("grin"), r=4))
+    with pytest.raises(ValueError, match="cannot be parametrized"):
+        with_experts(input_ids=ids())

@@ -51,3 +51,25 @@ def test_targets_that_match_nothing_fail_before_training():
         lora_config(model, extra_modules=("head_proj",))
     with pytest.raises(ValueError, match="nothing to adapt"):
         lora_config(model, attention=False, experts=False)
+
+
+@pytest.mark.parametrize("family", ["grin", "mh_moe"])
+def test_attention_only_lora_trains_under_every_experts_implementation(family):
+    """Frozen experts: the experts' backward computes the input gradient only (the hand-written one of the CPU
+    default once returned one empty tensor for both weight gradients, which a custom operator may not do). Every
+    implementation gives eager's LoRA gradients."""
+    grads = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm", "fused"):
+        base = tiny_model(router_type="softmax_topk") if family == "grin" else tiny_mh_model()
+        model = get_peft_model(base, lora_config(base, r=4, experts=False))
+        model.set_experts_implementation(implementation)
+        model.train()
+        input_ids = torch.randint(1, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        grads[implementation] = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    lora_b = [grad for name, grad in grads["eager"].items() if "lora_B" in name]  # (lora_A's: zero while B is 0)
+    assert lora_b and all(grad.abs().max() > 0 for grad in lora_b)
+    for implementation, found in grads.items():
+        for name, grad in grads["eager"].items():
+            assert (found[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), (implementation, name)
