@@ -146,7 +146,7 @@ class PackedTernaryLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_codes", torch.zeros((out_features + 3) // 4, in_features, dtype=torch.uint8))
         self.register_buffer("weight_inverse_scale", torch.ones(1, 1))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
     @torch.no_grad()

@@ -67,6 +67,8 @@ def test_quantizers_against_a_hand_written_reference():
     expected_rows = torch.tensor([_reference_int8(row) for row in activations.tolist()])
     torch.testing.assert_close(int8_activations(activations), expected_rows, rtol=1e-6, atol=0)
     assert int8_activations(activations)[0, 3] == pytest.approx(0.0 / 127)  # 0.0039 * 127 = 0.5 rounds to even 0
+    batched = torch.stack([activations, activations.flip(0) * 2])  # [batch, tokens, features]: per token still
+    torch.testing.assert_close(int8_activations(batched)[1], expected_rows.flip(0) * 2, rtol=1e-6, atol=0)
     # an all-zero matrix and an all-zero row (padding, empty sub-tokens) quantize to zeros, not NaN
     assert ternary_weight(torch.zeros(3, 4)).eq(0).all() and int8_activations(torch.zeros(2, 5)).eq(0).all()
 
@@ -137,6 +139,8 @@ def test_what_bitnet_quantizes(family):
         assert not isinstance(model.model.layers[1].mlp.merge_proj, BitNetLinear)
     full_precision = type(model)(model.config.__class__(**{**model.config.to_dict(), "bitnet": False}))
     assert set(model.state_dict()) == set(full_precision.state_dict())
+    assert not any(isinstance(module, BitNetLinear) for module in full_precision.modules())
+    assert not any(getattr(module, "bitnet", False) for module in full_precision.modules())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -273,6 +277,27 @@ def test_packed_export_reloads_with_the_same_logits_and_tokens(family, tmp_path)
     full_precision_bytes = 4 * summary["full_precision_values"]
     assert summary["file_bytes"] < full_precision_bytes + summary["ternary_values"] / 4 + 64 * 1024
     assert summary["file_bytes"] < latent_bytes
+
+
+def test_packed_linear_layers_keep_their_shape_and_dtype():
+    """Output sizes that are not a multiple of 4 (the packing pads the rows), and packing a bf16 model in place: the
+    same bits as its latent BitNet forward."""
+    torch.manual_seed(0)
+    layer = BitNetLinear(6, 5, bias=True)
+    inputs = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.equal(PackedTernaryLinear.from_bitnet(layer)(inputs), layer(inputs))
+    from modeling_grin.bitnet_export import pack_model_
+
+    model = bitnet_model("grin").to(torch.bfloat16)  # (GRIN's attention has biases)
+    packed = bitnet_model("grin").to(torch.bfloat16)
+    packed.load_state_dict(model.state_dict())
+    pack_model_(packed)
+    assert packed.model.layers[0].self_attn.q_proj.weight_codes.dtype == torch.uint8
+    assert all(parameter.dtype == torch.bfloat16 for parameter in packed.parameters())  # biases included
+    with torch.no_grad():
+        expected = model(input_ids=ids()).logits
+        assert expected.dtype == torch.bfloat16 and torch.equal(packed(input_ids=ids()).logits, expected)
 
 
 def test_export_refuses_what_it_cannot_write_and_leaves_nothing(tmp_path):
