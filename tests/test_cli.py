@@ -26,7 +26,7 @@ def test_bad_arguments_exit_with_usage_error(argv, capsys):
 
 
 def test_mh_moe_demo(tmp_path):
-    argv = ["demo", "--arch", "mh-moe", "--output-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
+    argv = ["demo", "--arch", "mh-moe", "--output-dir", str(tmp_path), "--steps", "2", "--batch-size", "16",
             "--block-size", "32", "--seed", "3"]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
@@ -52,7 +52,7 @@ def test_embedded_corpus_and_tokenizer_round_trip():
 
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     output_dir = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(output_dir), "--steps", "3", "--batch-size", "2", "--block-size", "32"]
+    argv = ["demo", "--output-dir", str(output_dir), "--steps", "3", "--batch-size", "16", "--block-size", "32"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "held-out loss / ppl" in printed and "sample:" in printed
