@@ -97,9 +97,7 @@ def load_ternary(folder: str | Path):
         raise ValueError(f"{folder}/config.json does not describe a BitNet model (bitnet is not true)")
     model = AutoModelForCausalLM.from_config(config)
     pack_model_(model)
-    tensors = load_file(file)
-    if config.tie_word_embeddings:
-        tensors.pop("lm_head.weight", None)
+    tensors = load_file(file)  # (a tied lm_head is not in it: `ternary_state_dict` leaves it out)
     expected = set(model.state_dict()) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:

@@ -14,8 +14,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterfac
 
 from .bitnet import dequantize_ternary, packed_weight_state, quantize_activations, ternary_weight, unpack_ternary
 from .fused_experts import (  # (registers experts_implementation="fused")
-    FEW_PAIRS_PER_EXPERT,
     cpu_swiglu_experts,
+    decodes_few_pairs,
     grouped_mm_takes_shape,
 )
 
@@ -77,8 +77,7 @@ class SwiGLUExperts(nn.Module):
             weights = {name: ternary_weight(self._parameters[name], groups) for name, groups in _TERNARY}
         else:
             experts = slice(None)
-            few_pairs = top_k_index.numel() <= FEW_PAIRS_PER_EXPERT * self.num_experts
-            if few_pairs and top_k_index.device.type == "cpu" and not torch.compiler.is_compiling():
+            if top_k_index.device.type == "cpu" and decodes_few_pairs(top_k_index, self.num_experts):
                 experts = torch.unique(top_k_index[top_k_index < self.num_experts])
                 renumber = top_k_index.new_full((self.num_experts + 1,), self.num_experts)
                 renumber[experts] = torch.arange(len(experts), device=experts.device)

@@ -320,14 +320,19 @@ def few_pairs_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights)
 FEW_PAIRS_PER_EXPERT = 0.5
 
 
+def decodes_few_pairs(top_k_index: torch.Tensor, num_experts: int) -> bool:
+    """Whether the CPU path takes `few_pairs_swiglu_experts` for this routing (never while compiling: its host read
+    of the expert ids would break the graph)."""
+    return top_k_index.numel() <= FEW_PAIRS_PER_EXPERT * num_experts and not torch.compiler.is_compiling()
+
+
 def cpu_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
     """The CPU path of our models' default (`grouped_mm`) and of `fused`, each case the fastest measured:
     `few_pairs_swiglu_experts` when decoding touches a few experts; for training the sorted rows with the hand-written
     backward (as fast as transformers' grouped_mm and keeping half the memory for the backward); for inference over
     more tokens transformers' grouped_mm (3-6 % faster than the sorted rows there), or the sorted rows where torch's
     grouped GEMM cannot take the shape."""
-    few_pairs = top_k_index.numel() <= FEW_PAIRS_PER_EXPERT * experts.num_experts
-    if few_pairs and not torch.compiler.is_compiling():  # (the host read would break a compiled graph)
+    if decodes_few_pairs(top_k_index, experts.num_experts):
         return few_pairs_swiglu_experts(experts, hidden_states, top_k_index, top_k_weights)
     tensors = (hidden_states, top_k_weights, experts.gate_up_proj, experts.down_proj)
     needs_backward = torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
