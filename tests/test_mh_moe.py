@@ -156,7 +156,21 @@ def test_head_and_merge_switches_change_the_parameter_set():
     assert "model.layers.0.mlp.head_proj.weight" in names[True, False] - names[False, False]
     assert "model.layers.0.mlp.merge_proj.bias" in names[False, True] - names[False, False]
     no_bias = {n for n, _ in MhMoeForCausalLM(tiny_mh_config(head_merge_bias=False)).named_parameters()}
-    assert "model.layers.0.mlp.head_proj.bias" not in no_bias and "model.layers.0.mlp.head_proj.weight" in no_bias
+    for projection in ("head_proj", "merge_proj"):
+        assert f"model.layers.0.mlp.{projection}.bias" not in no_bias
+        assert f"model.layers.0.mlp.{projection}.weight" in no_bias
+
+
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_mlp_bias_switches_the_biases_of_dense_layers_and_shared_expert_together(mlp_bias):
+    # layer 0 is a dense FFN, layer 1 a MoE layer with a one-unit shared expert (the smallest that exists)
+    model = MhMoeForCausalLM(tiny_mh_config(mlp_bias=mlp_bias, moe_layer_frequency=2, shared_expert_intermediate_size=1))
+    dense, shared = model.model.layers[0].mlp, model.model.layers[1].mlp.shared_expert
+    assert isinstance(dense, MhMoeMLP) and isinstance(shared, MhMoeMLP)
+    assert shared.gate_proj.out_features == 1 and dense.gate_proj.out_features == 32
+    for mlp in (dense, shared):
+        assert [projection.bias is not None for projection in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)] == (
+            [mlp_bias] * 3)
 
 
 @pytest.mark.parametrize("training", [False, True])
