@@ -151,11 +151,12 @@ def _glu_backward(gate_up: torch.Tensor, grad_h: torch.Tensor, act_fn) -> tuple[
 # The operators' namespace comes from this module's name ("modeling_grin_fused_experts" when imported from the
 # package): a model folder exported with remote code imports its own copy of this file under another name, and a
 # second registration of one operator name would replace the first, the two copies overwriting each other's.
+# The operators are registered by calling `custom_op` on plain functions, not as decorators: mutmut (docs/testing.md)
+# does not mutate decorated functions, and these two hold the whole forward and backward.
 OPERATOR_NAMESPACE = re.sub(r"\W", "_", __name__)
 
 
-@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::sorted_experts", mutates_args=())
-def _sorted_experts(
+def _sorted_experts_impl(
     hidden_states: torch.Tensor,
     routing_weights: torch.Tensor,
     expert_index: torch.Tensor,
@@ -177,14 +178,18 @@ def _sorted_experts(
     return output, gate_up
 
 
+_sorted_experts = torch.library.custom_op(
+    f"{OPERATOR_NAMESPACE}::sorted_experts", _sorted_experts_impl, mutates_args=()
+)
+
+
 @_sorted_experts.register_fake
 def _(hidden_states, routing_weights, expert_index, gate_up_proj, down_proj, activation, quantize_glu):
     num_rows = torch.library.get_ctx().new_dynamic_size()  # the routed pairs (N less the sentinels on the CPU)
     return hidden_states.new_empty(hidden_states.shape), hidden_states.new_empty(num_rows, gate_up_proj.shape[1])
 
 
-@torch.library.custom_op(f"{OPERATOR_NAMESPACE}::sorted_experts_backward", mutates_args=())
-def _sorted_experts_backward(
+def _sorted_experts_backward_impl(
     grad_output: torch.Tensor,
     hidden_states: torch.Tensor,
     routing_weights: torch.Tensor,
@@ -226,6 +231,11 @@ def _sorted_experts_backward(
         grad_hidden = torch.bmm(grad_pairs.new_ones(plan.num_tokens, 1, plan.top_k), grad_pairs).squeeze(1)
         grad_hidden = grad_hidden.to(hidden_states.dtype)
     return grad_hidden, grad_routing, grad_gate_up_proj, grad_down
+
+
+_sorted_experts_backward = torch.library.custom_op(
+    f"{OPERATOR_NAMESPACE}::sorted_experts_backward", _sorted_experts_backward_impl, mutates_args=()
+)
 
 
 @_sorted_experts_backward.register_fake

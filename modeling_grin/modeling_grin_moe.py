@@ -66,7 +66,7 @@ class GrinMoeAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim  # the config sets it (hidden_size // num_attention_heads unless given)
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
@@ -171,7 +171,6 @@ class GrinMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: GrinMoeConfig, layer_idx: int):
         super().__init__()
-        self.hidden_size = config.hidden_size
         self.self_attn = GrinMoeAttention(config, layer_idx)
         self.mlp = self.build_mlp(config, layer_idx)
         self.input_layernorm = build_norm(config)

@@ -93,8 +93,10 @@ def test_skewed_routing_with_one_overloaded_expert(layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
-def test_other_activations_use_their_own_derivative(layout):
-    experts = make_experts(hidden_act="gelu")
+@pytest.mark.parametrize("activation", ["gelu", "linear"])
+def test_other_activations_use_their_own_derivative(layout, activation):
+    # "linear" (the bilinear GLU) returns the gate itself: multiplying it in place would overwrite the saved gate
+    experts = make_experts(hidden_act=activation)
     index, weights = random_routing(30, 8, 2)
     assert_matches_eager(experts, torch.randn(30, 32), index, weights)
 
@@ -172,7 +174,8 @@ def test_empty_batch():
     assert output.shape == (0, 32)
 
 
-def test_bf16_is_close_to_fp32():
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_bf16_is_close_to_fp32(layout):  # bf16 hidden states and experts, fp32 routing weights (as the router gives)
     experts = make_experts()
     index, weights = random_routing(64, 8, 2)
     hidden = torch.randn(64, 32)
@@ -181,6 +184,45 @@ def test_bf16_is_close_to_fp32():
     experts.config._experts_implementation = "fused"
     bf16 = experts(hidden.bfloat16(), index, weights).float()
     assert (bf16 - fp32).abs().max() / fp32.abs().max() < 0.02
+
+
+def test_sorted_path_defaults_to_silu_without_quantization():
+    experts = make_experts()
+    index, weights = random_routing(20, 8, 2)
+    hidden = torch.randn(20, 32)
+    expected = run(experts, "eager", hidden, index, weights)["output"]
+    output = fused_experts.sorted_swiglu_experts(hidden, weights, index, experts.gate_up_proj, experts.down_proj)
+    assert (output - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("layout", ["flag is_transposed", "flag has_bias", "no gate"])
+def test_experts_the_fused_path_cannot_run_raise(layout):
+    experts = make_experts()
+    experts.is_transposed, experts.has_bias, experts.has_gate = (
+        layout == "flag is_transposed", layout == "flag has_bias", layout != "no gate")
+    index, weights = random_routing(4, 8, 2)
+    with pytest.raises(ValueError, match=r"gated experts without bias in \[E, out, in\] layout"):
+        fused_experts.fused_experts_forward(experts, torch.randn(4, 32), index, weights)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
+def test_transformers_phimoe_under_fused_matches_its_eager(layout):
+    """Other models' experts (no `bitnet` attribute) take the full-precision path."""
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    torch.manual_seed(0)
+    model = PhimoeForCausalLM(PhimoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, max_position_embeddings=64)).eval()  # deterministic routing
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.3)
+    assert not hasattr(model.model.layers[0].mlp.experts, "bitnet")
+    input_ids = torch.randint(1, 60, (2, 10), generator=torch.Generator().manual_seed(0))
+    eager_logits, eager_grads = model_outputs_and_grads(model, "eager", input_ids)
+    fused_logits, fused_grads = model_outputs_and_grads(model, "fused", input_ids)
+    assert (fused_logits - eager_logits).abs().max() <= 1e-5 * eager_logits.abs().max()
+    for name, grad in eager_grads.items():
+        assert (fused_grads[name] - grad).abs().max() / grad.abs().max().clamp(min=1e-6) <= 1e-5, name
 
 
 def model_outputs_and_grads(model, implementation, input_ids):

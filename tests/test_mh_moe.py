@@ -164,7 +164,8 @@ def test_head_and_merge_switches_change_the_parameter_set():
 @pytest.mark.parametrize("mlp_bias", [False, True])
 def test_mlp_bias_switches_the_biases_of_dense_layers_and_shared_expert_together(mlp_bias):
     # layer 0 is a dense FFN, layer 1 a MoE layer with a one-unit shared expert (the smallest that exists)
-    model = MhMoeForCausalLM(tiny_mh_config(mlp_bias=mlp_bias, moe_layer_frequency=2, shared_expert_intermediate_size=1))
+    config = tiny_mh_config(mlp_bias=mlp_bias, moe_layer_frequency=2, shared_expert_intermediate_size=1)
+    model = MhMoeForCausalLM(config)
     dense, shared = model.model.layers[0].mlp, model.model.layers[1].mlp.shared_expert
     assert isinstance(dense, MhMoeMLP) and isinstance(shared, MhMoeMLP)
     assert shared.gate_proj.out_features == 1 and dense.gate_proj.out_features == 32

@@ -5,21 +5,37 @@ import pytest
 import torch
 from conftest import LONGROPE_SCALING, informative_model, left_padded, rewrite_as_phimoe, tiny_config, tiny_model
 from safetensors import safe_open
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, PhimoeForCausalLM
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PhimoeConfig,
+    PhimoeForCausalLM,
+    PhimoeForSequenceClassification,
+)
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from modeling_grin import GrinMoeForCausalLM, GrinMoeForSequenceClassification, GrinMoeModel
 from modeling_grin.losses import load_balancing_loss, router_z_loss
-from modeling_grin.modeling_grin_moe import GrinMoeExperts
+from modeling_grin.modeling_grin_moe import GrinMoeExperts, micro_batch_share
 
 
 def inputs(batch=3, length=11, vocab=96, seed=0):
     return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture
-def grin_and_phimoe(tmp_path):
-    model = tiny_model()
+# The second configuration departs from GRIN's defaults where Phimoe has the same switches: no attention or LM-head
+# biases, and a head_dim other than hidden_size // num_attention_heads (32 // 4).
+PHIMOE_PARITY_CONFIGS = {
+    "grin": {},
+    "no biases, head_dim 16": dict(attention_bias=False, lm_head_bias=False, head_dim=16),
+}
+
+
+@pytest.fixture(params=list(PHIMOE_PARITY_CONFIGS))
+def grin_and_phimoe(tmp_path, request):
+    model = tiny_model(**PHIMOE_PARITY_CONFIGS[request.param])
     model.save_pretrained(tmp_path)
     rewrite_as_phimoe(tmp_path)
     phimoe = PhimoeForCausalLM.from_pretrained(tmp_path).eval()
@@ -56,6 +72,7 @@ def test_greedy_generation_matches_phimoe(grin_and_phimoe):
 def test_gradients_match_phimoe_in_eval_mode(grin_and_phimoe):
     model, phimoe = grin_and_phimoe
     input_ids = inputs()
+    input_ids[:, ::4] = model.config.pad_token_id  # the padding embedding gets no gradient, in both
     for network in (model, phimoe):
         network.zero_grad()
         network(input_ids, labels=input_ids).loss.backward()
@@ -66,6 +83,7 @@ def test_gradients_match_phimoe_in_eval_mode(grin_and_phimoe):
         assert (parameter.grad - theirs[name].grad).abs().max() / scale <= 1e-5, name
         compared += 1
     assert compared == len(theirs)
+    assert (model.model.embed_tokens.weight.grad[model.config.pad_token_id] == 0).all()
 
 
 def test_save_load_round_trip_is_exact_and_writes_the_released_layout(tmp_path):
@@ -299,6 +317,36 @@ def test_training_mode_samples_experts_and_trains_every_part():
     assert torch.equal(first, model(input_ids).logits)  # the samples come from the seeded global generator
 
 
+@pytest.mark.parametrize("norm_type, norm_class", [("layernorm", torch.nn.LayerNorm), ("rmsnorm", LlamaRMSNorm)])
+def test_every_norm_has_the_configured_type_and_epsilon(norm_type, norm_class):
+    model = tiny_model(norm_type=norm_type, rms_norm_eps=1e-3)
+    norms = [module for name, module in model.named_modules() if name.endswith("norm")]
+    assert len(norms) == 2 * 2 + 1  # two per layer and the final one
+    for norm in norms:
+        assert type(norm) is norm_class
+        assert (norm.eps if norm_type == "layernorm" else norm.variance_epsilon) == 1e-3
+
+
+def test_micro_batch_share_counts_the_label_tokens_after_the_shift():
+    labels = torch.tensor([[5, -100, 7, 8], [-100, 1, 2, -100]])  # predicted: columns 1..3: 2 + 2 label tokens
+    assert micro_batch_share(labels, None) == 1.0
+    assert micro_batch_share(labels, 10).item() == pytest.approx(0.4)
+
+
+def test_input_jitter_multiplies_the_block_input(monkeypatch):
+    """With the noise fixed at 1 + eps, the training-mode block equals the unjittered block on 1.01 x (same draws)."""
+    block = tiny_model(input_jitter_noise=0.01).train().model.layers[0].mlp
+    monkeypatch.setattr(torch.Tensor, "uniform_", lambda self, low=0.0, high=1.0, **kwargs: self.fill_(high))
+    x = torch.randn(2, 5, 32)
+    torch.manual_seed(3)
+    jittered = block(x)
+    block.input_jitter_noise = 0.0
+    torch.manual_seed(3)
+    assert torch.equal(jittered, block(x * 1.01))
+    torch.manual_seed(3)
+    assert not torch.allclose(jittered, block(x))
+
+
 def test_input_jitter_is_applied_once(monkeypatch):
     model = tiny_model(input_jitter_noise=0.01).train()
     block = model.model.layers[0].mlp
@@ -343,6 +391,11 @@ def test_auto_classes_and_sequence_classification(tmp_path):
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     classifier.eval()
     assert torch.equal(classifier(input_ids).logits, reloaded(input_ids).logits)
+    # the peer: transformers' Phimoe classifier takes the same state dict, every key (its score has no bias either)
+    rewrite_as_phimoe(tmp_path)
+    phimoe = PhimoeForSequenceClassification(PhimoeConfig.from_pretrained(tmp_path, num_labels=3)).eval()
+    phimoe.load_state_dict(classifier.state_dict(), strict=True)
+    assert (phimoe(input_ids).logits - classifier(input_ids).logits).abs().max() <= 1e-5
 
 
 def test_experts_stay_3d_and_accept_transformers_implementations():
