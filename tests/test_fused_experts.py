@@ -201,7 +201,8 @@ def test_experts_the_fused_path_cannot_run_raise(layout):
     experts.is_transposed, experts.has_bias, experts.has_gate = (
         layout == "flag is_transposed", layout == "flag has_bias", layout != "no gate")
     index, weights = random_routing(4, 8, 2)
-    with pytest.raises(ValueError, match=r"gated experts without bias in \[E, out, in\] layout"):
+    with pytest.raises(ValueError, match=r"^the fused experts implementation supports gated experts without bias in "
+                                         r"\[E, out, in\] layout$"):
         fused_experts.fused_experts_forward(experts, torch.randn(4, 32), index, weights)
 
 
@@ -251,15 +252,19 @@ def test_both_model_families_match_eager(family, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, indirect=True)
-@pytest.mark.parametrize(("activation", "quantize_glu"), [("silu", False), ("silu", True), ("gelu", False)])
-def test_custom_operators_pass_opcheck(layout, activation, quantize_glu):
-    """Schema, fake (meta) implementation with its data-dependent row count, autograd registration, AOT tracing."""
+@pytest.mark.parametrize(("activation", "quantize_glu", "hidden_dtype"), [
+    ("silu", False, torch.float32), ("silu", True, torch.float32), ("gelu", False, torch.float32),
+    ("silu", False, torch.bfloat16),  # bf16 activations with fp32 weights and routing weights, as under autocast
+])
+def test_custom_operators_pass_opcheck(layout, activation, quantize_glu, hidden_dtype):
+    """Schema, fake (meta) implementation with its data-dependent row count, autograd registration, AOT tracing; the
+    fake implementation's dtypes (the output in the activations', each gradient in its input's) against the real."""
     generator = torch.Generator().manual_seed(0)
     index, weights = random_routing(9, 4, 2)
     index[0, 0] = 4  # a sentinel too
     gate_up_proj, down_proj = torch.randn(4, 24, 16, generator=generator), torch.randn(4, 16, 12, generator=generator)
-    arguments = [torch.randn(9, 16, generator=generator), weights, index, gate_up_proj, down_proj, activation,
-                 quantize_glu]
+    arguments = [torch.randn(9, 16, generator=generator).to(hidden_dtype), weights, index, gate_up_proj, down_proj,
+                 activation, quantize_glu]
     for position in (0, 1, 3, 4):
         arguments[position] = arguments[position].clone().requires_grad_(True)
     # Other activations take their derivative with torch.func.vjp inside the backward, whose wrapped tensors opcheck's
@@ -274,6 +279,10 @@ def test_custom_operators_pass_opcheck(layout, activation, quantize_glu):
                           down_proj, activation, quantize_glu, [True, True, False, True])  # fmt: skip
     torch.library.opcheck(fused_experts._sorted_experts_backward, backward_arguments,
                           test_utils=checks)  # fmt: skip
+    grads = fused_experts._sorted_experts_backward(*backward_arguments)
+    assert output.dtype == hidden_dtype
+    # gate_up_proj's gradient is not needed: an empty tensor of the incoming gradient's dtype
+    assert [grad.dtype for grad in grads] == [hidden_dtype, weights.dtype, hidden_dtype, down_proj.dtype]
 
 
 @pytest.mark.parametrize("family, activation", [("grin", "silu"), ("grin", "gelu"), ("mh_moe", "silu")])
