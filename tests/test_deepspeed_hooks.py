@@ -65,3 +65,11 @@ def test_training_loop_marks_leaves_when_accelerate_runs_zero3(fake_deepspeed):
     assert fake_deepspeed and all(block._z3_leaf for block in blocks)
     assert not loop._uses_zero3(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)))
     assert not loop._uses_zero3(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2))))
+
+
+def test_zero3_without_deepspeed_says_so(monkeypatch):
+    monkeypatch.setattr(modeling, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # `import deepspeed.utils` raises ImportError
+    monkeypatch.setitem(sys.modules, "deepspeed.utils", None)
+    with pytest.raises(ImportError, match=r"^DeepSpeed ZeRO-3 is active but deepspeed cannot be imported$"):
+        tiny_model()

@@ -9,6 +9,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as transformers_logging
 
+import modeling_grin.modeling_grin_moe as modeling
 from modeling_grin import MhMoeConfig, MhMoeForCausalLM
 
 
@@ -34,10 +35,27 @@ def test_a_sequence_beyond_max_position_embeddings_warns_once(caplog):
         assert not caplog.records
         model(torch.randint(0, 96, (1, 40)))
         model(torch.randint(0, 96, (1, 41)))
-    assert [record.getMessage() for record in caplog.records] == [
-        "This sequence is longer than max_position_embeddings (37): the model was not trained on those positions "
-        "and its outputs past them may be meaningless"
-    ]
+    message = ("This sequence is longer than max_position_embeddings (37): the model was not trained on those "
+               "positions and its outputs past them may be meaningless")
+    assert [record.getMessage() for record in caplog.records] == [message]
+
+
+def test_the_position_warning_counts_cached_tokens_and_only_host_lengths(caplog):
+    model = tiny_model(max_position_embeddings=37)
+    prompt = torch.randint(1, 96, (1, 30))
+    for count_as_tensor in (False, True):
+        transformers_logging.warning_once.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), torch.no_grad():
+            model(torch.randint(1, 96, (1, 37)), use_cache=False)  # at the limit, without a cache: no warning
+            assert not caplog.records
+            if count_as_tensor:  # a static cache's length on the device: not read (it would synchronise)
+                modeling._warn_beyond_trained_positions(model.config, 10, torch.tensor(30))
+                assert not caplog.records
+            else:  # 30 cached + 1 new token per step: the 38th position warns
+                model.generate(prompt, max_new_tokens=9, do_sample=False, pad_token_id=0, eos_token_id=None)
+                ours = [record.getMessage() for record in caplog.records if record.name.startswith("modeling_grin")]
+                assert len(ours) == 1 and "max_position_embeddings (37)" in ours[0]  # generate warns too
 
 
 def _nan_attention(module, query, key, value, attention_mask, **kwargs):

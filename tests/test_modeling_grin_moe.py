@@ -60,6 +60,27 @@ def test_logits_match_phimoe_with_padding_and_mask(grin_and_phimoe):
     assert (ours[valid] - theirs[valid]).abs().max().item() <= 1e-5
 
 
+def test_logits_match_phimoe_with_given_position_ids(grin_and_phimoe):
+    """Position ids of two sequences packed in one row (what DataCollatorWithFlattening gives): RoPE reads them."""
+    model, phimoe = grin_and_phimoe
+    position_ids = torch.cat([torch.arange(5), torch.arange(6)]).expand(3, -1)
+    with torch.no_grad():
+        ours = model(inputs(), position_ids=position_ids).logits
+        theirs = phimoe(inputs(), position_ids=position_ids).logits
+        assert (ours - model(inputs()).logits).abs().max() > 1e-3  # the positions matter
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_the_cache_keeps_what_phimoes_keeps(grin_and_phimoe):
+    """A DynamicCache built from the config: sliding-window layers that hold the last window of keys, not all."""
+    model, phimoe = grin_and_phimoe
+    with torch.no_grad():
+        ours, theirs = model(inputs(length=20)).cache, phimoe(inputs(length=20)).past_key_values
+    assert [type(layer) for layer in ours.layers] == [type(layer) for layer in theirs.layers]
+    assert [layer.keys.shape for layer in ours.layers] == [layer.keys.shape for layer in theirs.layers]
+    assert ours.layers[0].keys.shape[-2] < 20
+
+
 def test_greedy_generation_matches_phimoe(grin_and_phimoe):
     model, phimoe = grin_and_phimoe
     input_ids, attention_mask = left_padded(inputs(length=8))
@@ -168,18 +189,12 @@ def test_output_attentions_are_the_causal_sliding_window_probabilities(grin_and_
             assert (probabilities[:, allowed[valid]] > 0).all()
 
 
-def test_aux_loss_ignores_padding_and_reaches_the_router():
+def test_aux_loss_reaches_the_router():
     model = tiny_model().train()
     input_ids, attention_mask = left_padded(inputs())
     out = model(input_ids, attention_mask=attention_mask, labels=input_ids, output_router_logits=True)
     out.aux_loss.backward()
     assert model.model.layers[0].mlp.router.weight.grad.abs().sum() > 0
-    changed = input_ids.clone()
-    changed[attention_mask == 0] = 5  # padding content must not change the aux loss
-    model.eval()
-    first = model(input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
-    second = model(changed, attention_mask=attention_mask, output_router_logits=True).aux_loss
-    assert torch.allclose(first, second)
 
 
 def test_router_outputs_during_cached_generation():
@@ -331,6 +346,67 @@ def test_micro_batch_share_counts_the_label_tokens_after_the_shift():
     labels = torch.tensor([[5, -100, 7, 8], [-100, 1, 2, -100]])  # predicted: columns 1..3: 2 + 2 label tokens
     assert micro_batch_share(labels, None) == 1.0
     assert micro_batch_share(labels, 10).item() == pytest.approx(0.4)
+
+
+def test_default_initialisation_is_normal_with_the_initializer_range():
+    torch.manual_seed(0)
+    model = GrinMoeForCausalLM(tiny_config(initializer_range=0.05))
+    layer = model.model.layers[0]
+    for name, tensor in (("q_proj", layer.self_attn.q_proj.weight), ("router", layer.mlp.router.weight),
+                         ("gate_up_proj", layer.mlp.experts.gate_up_proj), ("down_proj", layer.mlp.experts.down_proj),
+                         ("embed_tokens", model.model.embed_tokens.weight[1:])):
+        assert tensor.std().item() == pytest.approx(0.05, rel=0.15), name
+        assert abs(tensor.mean().item()) < 0.3 * 0.05, name
+
+
+def test_attention_dropout_acts_in_training_only():
+    attention = tiny_model(attention_dropout=0.5).model.layers[0].self_attn
+    without = tiny_model(attention_dropout=0.0).model.layers[0].self_attn
+    hidden = torch.randn(2, 7, 32)
+    position_embeddings = tiny_model().model.rotary_emb(hidden, torch.arange(7).unsqueeze(0))
+    eval_output = attention.eval()(hidden, position_embeddings)[0]
+    assert torch.equal(eval_output, without.eval()(hidden, position_embeddings)[0])
+    assert (attention.train()(hidden, position_embeddings)[0] - eval_output).abs().max() > 1e-3
+
+
+def test_exactly_one_of_input_ids_and_inputs_embeds():
+    model = tiny_model()
+    message = r"^You must specify exactly one of input_ids or inputs_embeds$"
+    with pytest.raises(ValueError, match=message):
+        model(inputs(), inputs_embeds=torch.zeros(3, 11, 32))
+    with pytest.raises(ValueError, match=message):
+        model()
+
+
+def test_loss_under_gradient_accumulation_is_normalised_by_the_whole_batch():
+    """Trainer passes num_items_in_batch: the LM loss is the token sum over it, the router losses weighted by this
+    micro-batch's share of the label tokens."""
+    model = tiny_model(router_aux_loss_coef=0.1, router_z_loss_coef=0.01)
+    input_ids, attention_mask = left_padded(inputs())
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=True,
+                    num_items_in_batch=100)
+    targets = labels[:, 1:]
+    lm_sum = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 96), targets.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+    token_mask = attention_mask
+    z_loss = router_z_loss(out.router_logits, token_mask)
+    share = (targets != -100).sum() / 100
+    expected = lm_sum / 100 + share * (0.1 * out.aux_loss + 0.01 * z_loss)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("aux_loss_type", ["switch", "gshard"])
+def test_aux_loss_ignores_padding(aux_loss_type):  # the padding's content changes nothing, the mask does
+    model = tiny_model(aux_loss_type=aux_loss_type)
+    input_ids, attention_mask = left_padded(inputs())
+    changed = input_ids.masked_fill(attention_mask == 0, 5)
+    with torch.no_grad():
+        first = model(input_ids, attention_mask=attention_mask, output_router_logits=True).aux_loss
+        second = model(changed, attention_mask=attention_mask, output_router_logits=True).aux_loss
+        unmasked = model(changed, output_router_logits=True).aux_loss
+    assert torch.allclose(first, second) and not torch.allclose(first, unmasked)
 
 
 def test_input_jitter_multiplies_the_block_input(monkeypatch):
