@@ -241,9 +241,9 @@ def test_bitnet_training_lowers_the_loss_on_the_embedded_corpus(tmp_path):
 
     config = tiny_mh_config(bitnet=True, moe_layer_frequency=2, vocab_size=512, max_position_embeddings=64)
     result = train(tmp_path, config=config, vocab_size=512, steps=30, batch_size=4, block_size=32,
-                   learning_rate=3e-3, progress=False)
+                   learning_rate=3e-3, eval_fraction=0.01, progress=False)  # a small held-out set: it is not checked
     losses = json.loads((tmp_path / "train_summary.json").read_text())["losses"]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses  # measured: 6.27 -> 6.08
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses  # measured: 6.27 -> 6.11
     assert result.accelerator.unwrap_model(result.model).config.bitnet is True
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")  # latent weights, the usual way
     assert reloaded.config.bitnet and isinstance(reloaded.model.layers[0].self_attn.q_proj, BitNetLinear)

@@ -280,8 +280,8 @@ def parse_only():
 
 def check_script(script: str, arguments: list[str], where: str) -> None:
     path = ROOT / script
-    assert path.is_file() and path.parent.name in ("benchmarks", "conversion_scripts"), (
-        f"{where}: {script} is not a script of benchmarks/ or conversion_scripts/"
+    assert path.is_file() and path.parent.name in ("benchmarks", "conversion_scripts", "tools"), (
+        f"{where}: {script} is not a script of benchmarks/, conversion_scripts/ or tools/"
     )
     if not arguments:
         check_script_without_arguments(path, where)

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from modeling_grin.cli import main
 from modeling_grin.presets import load_preset, presets_root
+from modeling_grin.training.evaluation import evaluate
 from modeling_grin.training.loop import latest_checkpoint, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,3 +152,20 @@ def test_bad_input_fails_before_training(tmp_path, small_text, capsys, extra, me
     assert main(["train", "--output-dir", str(tmp_path / "out"), "--vocab-size", "300", *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_held_out_evaluation_is_the_lm_loss_and_the_expert_load_in_one_pass():
+    model = tiny_model(router_aux_loss_coef=0.5, output_router_logits=True, num_local_experts=4).train()
+    blocks = torch.randint(1, 96, (5, 11), generator=torch.Generator().manual_seed(0))
+    loss, load = evaluate(model, blocks, batch_size=2)
+    assert model.training  # left as it was found
+    model.eval()
+    with torch.no_grad():  # the model's own LM loss (router losses off), averaged over the three batches
+        expected_loss = sum(model(batch, labels=batch, output_router_logits=False).loss.item()
+                            for batch in blocks.split(2)) / 3
+        router_logits = model(blocks, output_router_logits=True).router_logits
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    for layer, logits in enumerate(router_logits):
+        counts = torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=4).float()
+        assert torch.allclose(load[layer], counts / counts.sum())
+    assert (load[0] > 0).sum() >= 2  # several experts take part

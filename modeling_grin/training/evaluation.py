@@ -3,35 +3,27 @@
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 @torch.no_grad()
-def evaluate_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean language-modelling loss over `blocks` in eval mode (router losses left out)."""
-    model.eval()
-    losses = [
-        model(input_ids=batch, labels=batch, output_router_logits=False).loss.item()
-        for batch in blocks.split(batch_size)
-    ]
-    model.train()
-    return sum(losses) / len(losses)
-
-
-@torch.no_grad()
-def expert_load(model, blocks: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Fraction of routed slots each expert receives, per MoE layer, `[layers, experts]` (eval-mode routing)."""
+def evaluate(model, blocks: torch.Tensor, batch_size: int) -> tuple[float, torch.Tensor]:
+    """One eval-mode pass over `blocks`: the mean language-modelling loss (router losses left out, the mean of the
+    per-batch means) and the fraction of routed slots each expert receives per MoE layer, `[layers, experts]`."""
     model.eval()
     top_k, num_experts = model.config.num_experts_per_tok, model.config.num_local_experts
-    counts = None
+    losses, counts = [], 0
     for batch in blocks.split(batch_size):
-        router_logits = model(input_ids=batch, output_router_logits=True).router_logits
-        layer_counts = torch.stack(
+        out = model(input_ids=batch, output_router_logits=True)
+        # transformers' causal-LM loss without labels passed in: with them the model would add its router losses
+        losses.append(nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+                      .item())
+        counts = counts + torch.stack(
             [torch.bincount(logits.topk(top_k, dim=-1).indices.flatten(), minlength=num_experts) for logits in
-             router_logits]
+             out.router_logits]
         )
-        counts = layer_counts if counts is None else counts + layer_counts
     model.train()
-    return counts.float() / counts.sum(dim=-1, keepdim=True)
+    return sum(losses) / len(losses), counts.float() / counts.sum(dim=-1, keepdim=True)
 
 
 def _pyplot():

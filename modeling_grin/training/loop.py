@@ -47,7 +47,7 @@ from .checkpoints import (
     run_fingerprint,
     state_record,
 )
-from .evaluation import evaluate_loss, expert_load, save_expert_load_heatmap, save_loss_curve
+from .evaluation import evaluate, save_expert_load_heatmap, save_loss_curve
 
 
 @dataclass
@@ -361,10 +361,9 @@ def train(
     shard_rows = (torch.arange(per_rank) + accelerator.process_index * per_rank) % num_heldout
     shard = heldout_blocks[shard_rows].to(accelerator.device)
     evaluated = accelerator.unwrap_model(network)
-    heldout_loss = accelerator.reduce(
-        torch.tensor(evaluate_loss(evaluated, shard, batch_size), device=accelerator.device), "mean"
-    ).item()
-    load = accelerator.reduce(expert_load(evaluated, shard, batch_size), "mean").cpu()
+    heldout_loss, load = evaluate(evaluated, shard, batch_size)
+    heldout_loss = accelerator.reduce(torch.tensor(heldout_loss, device=accelerator.device), "mean").item()
+    load = accelerator.reduce(load, "mean").cpu()
     accelerator.unwrap_model(network).config.output_router_logits = False
     _save_folder(accelerator, network, tokenizer, save_dir)
     accelerator.unwrap_model(network).config.output_router_logits = True
