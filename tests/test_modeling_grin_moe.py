@@ -397,6 +397,20 @@ def test_loss_under_gradient_accumulation_is_normalised_by_the_whole_batch():
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("load_balancing", ["local", "global"])
+def test_load_balancing_setting_reaches_the_loss(monkeypatch, load_balancing):
+    """One process cannot tell global from local balancing (tests/test_losses.py checks the loss over two): here,
+    that the model asks for the one its config names."""
+    import modeling_grin.modeling_grin_moe as modeling
+
+    asked = []
+    original = modeling.load_balancing_loss
+    monkeypatch.setattr(modeling, "load_balancing_loss",
+                        lambda *args, **kwargs: asked.append(kwargs["global_balance"]) or original(*args, **kwargs))
+    tiny_model(load_balancing=load_balancing)(inputs(), output_router_logits=True)
+    assert asked == [load_balancing == "global"]
+
+
 @pytest.mark.parametrize("aux_loss_type", ["switch", "gshard"])
 def test_aux_loss_ignores_padding(aux_loss_type):  # the padding's content changes nothing, the mask does
     model = tiny_model(aux_loss_type=aux_loss_type)

@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("module", choices=sorted(TEST_FILES))
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="where to copy the project (default: a new temporary folder)")
+    parser.add_argument("--require-all-killed", action="store_true",
+                        help="exit with 1 if a mutant survived or had no tests (CI's check of a module at 100 %%)")
     args = parser.parse_args(argv)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mutation-"))
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     for name, status in statuses.items():
         if status != "killed":
             print(f"  {status}: {name}   (mutmut show {name}, in {workdir})")
-    return 0
+    missed = counts["survived"] + counts["no tests"]
+    return 1 if args.require_all_killed and (missed or not statuses) else 0
 
 
 if __name__ == "__main__":
