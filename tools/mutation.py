@@ -37,7 +37,8 @@ TEST_FILES = {
                                            "tests/test_deepspeed_hooks.py", "tests/test_bitnet.py"],
     "modeling_grin/modeling_mh_moe.py": ["tests/test_mh_moe.py", "tests/test_fidelity_options.py",
                                          "tests/test_bitnet.py"],
-    "modeling_grin/conversion.py": ["tests/test_conversion.py", "tests/test_conversion_safety.py"],
+    "modeling_grin/conversion.py": ["tests/test_conversion.py", "tests/test_conversion_safety.py",
+                                    "tests/test_upcycling.py"],
 }
 ROOT = Path(__file__).resolve().parents[1]
 SOLE_DECORATORS_MUTMUT_TAKES = {"staticmethod", "classmethod"}
@@ -110,6 +111,8 @@ def main(argv=None) -> int:
     parser.add_argument("module", choices=sorted(TEST_FILES))
     parser.add_argument("--max-children", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="where to copy the project (default: a new temporary folder)")
+    parser.add_argument("--only", nargs="+", metavar="GLOB",
+                        help="run only these mutants: mutmut names or globs ('modeling_grin.conversion.x_upcycle*')")
     parser.add_argument("--require-all-killed", action="store_true",
                         help="exit with 1 if a mutant survived or had no tests (CI's check of a module at 100 %%)")
     args = parser.parse_args(argv)
@@ -125,8 +128,8 @@ def main(argv=None) -> int:
 
     # inductor in mutmut's forked workers hangs unless it compiles in-process; one thread per worker
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)], cwd=workdir,
-                   env=env, check=True)  # its progress line shows on the terminal
+    run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.only or [])]
+    subprocess.run(run, cwd=workdir, env=env, check=True)  # its progress line shows on the terminal
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir, env=env,
                              check=True, capture_output=True, text=True).stdout
     statuses = dict(line.strip().rsplit(": ", 1) for line in listing.splitlines() if ": " in line)
