@@ -231,3 +231,75 @@ def test_phi35_style_longrope_checkpoint_converts_with_equal_logits(tmp_path):
     assert summary["logits_difference"] <= 1e-5
     written = json.loads((tmp_path / "grin" / "config.json").read_text())
     assert written["rope_parameters"]["rope_type"] == "longrope" and written["model_type"] == "grinmoe"
+
+
+# ----- what --verify and the shard writer promise (mutation testing found them unchecked) ----------------------------
+
+
+def written_manifest(folder):
+    """What the converter's manifest says of a folder it wrote, rebuilt from the folder itself."""
+    from modeling_grin.conversion import _checksum
+
+    return {name: {"shape": list(tensor.shape), "dtype": str(tensor.dtype),
+                   "bytes": tensor.numel() * tensor.element_size(), "sha256": _checksum(tensor)}
+            for name, tensor in tensors(folder).items()}
+
+
+def test_verify_checkpoint_names_what_differs(sharded_grin, tmp_path):
+    from modeling_grin.conversion import verify_checkpoint
+
+    _, folder = sharded_grin
+    convert_checkpoint(folder, tmp_path / "out", to="phimoe", max_shard_size="30KB")
+    manifest = written_manifest(tmp_path / "out")
+    verify_checkpoint(tmp_path / "out", manifest)  # the folder as written passes
+    name = "model.layers.0.self_attn.q_proj.weight"
+    shard = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"][name]
+    cases = {
+        "unexpected": ({k: v for k, v in manifest.items() if k != name},
+                       f"verify: unexpected tensor {name} in {shard}"),
+        "shape": ({**manifest, name: {**manifest[name], "shape": [4, 8]}},
+                  rf"verify: {name} is \(32, 32\) torch.float32, expected \(4, 8\) torch.float32"),
+        "dtype": ({**manifest, name: {**manifest[name], "dtype": "torch.bfloat16"}},
+                  rf"verify: {name} is \(32, 32\) torch.float32, expected \(32, 32\) torch.bfloat16"),
+        "checksum": ({**manifest, name: {**manifest[name], "sha256": "0" * 64}}, f"verify: checksum of {name} differs"),
+        "missing": ({**manifest, "model.zzz.weight": manifest[name]},
+                    r"verify: 1 tensor\(s\) missing, e.g. model.zzz.weight"),
+    }
+    for case, (edited, message) in cases.items():
+        with pytest.raises(ConversionError, match=f"^{message}$"):
+            verify_checkpoint(tmp_path / "out", edited)
+            pytest.fail(case)
+
+
+def test_logits_difference_is_the_largest_difference_relative_to_the_source_logits(tmp_path):
+    from modeling_grin.conversion import logits_difference
+
+    tiny_model(seed=0).save_pretrained(tmp_path / "a")
+    tiny_model(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "b")  # read back in fp32, as verify does
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n, dtype=torch.float32).eval() for n in ("a", "b"))
+    input_ids = torch.randint(96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = ((b(input_ids).logits - a(input_ids).logits).abs().max() / a(input_ids).logits.abs().max()).item()
+    assert logits_difference(tmp_path / "a", tmp_path / "b", seed=3) == pytest.approx(expected, rel=1e-6)
+    assert logits_difference(tmp_path / "a", tmp_path / "a") == 0.0
+
+
+def test_shards_are_filled_up_to_the_size_limit_and_named_like_transformers(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    limit = 30_000
+    summary = convert_checkpoint(folder, tmp_path / "out", to="phimoe", max_shard_size=limit)
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    total = summary["shards"]
+    names = [f"model-{number:05d}-of-{total:05d}.safetensors" for number in range(1, total + 1)]
+    assert sorted(path.name for path in out.glob("*.safetensors")) == names and total > 2
+    sizes = []
+    for name in names:
+        with safe_open(out / name, "pt") as reader:
+            assert reader.metadata() == {"format": "pt", "written_by": "modeling_grin.conversion"}
+            shard_tensors = [reader.get_tensor(key) for key in reader.keys()]
+        sizes.append(sum(tensor.numel() * tensor.element_size() for tensor in shard_tensors))
+        assert sizes[-1] <= limit or len(shard_tensors) == 1
+    assert all(first + second > limit for first, second in zip(sizes, sizes[1:], strict=False))  # no two would fit
+    assert index["metadata"]["total_size"] == sum(sizes) == summary["bytes"]
+    assert set(index["weight_map"].values()) == set(names)
