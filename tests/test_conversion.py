@@ -303,3 +303,42 @@ def test_shards_are_filled_up_to_the_size_limit_and_named_like_transformers(shar
     assert all(first + second > limit for first, second in zip(sizes, sizes[1:], strict=False))  # no two would fit
     assert index["metadata"]["total_size"] == sum(sizes) == summary["bytes"]
     assert set(index["weight_map"].values()) == set(names)
+
+
+@pytest.mark.parametrize("dtype, difference, passes", [
+    (None, 1e-4, True), (None, 1.01e-4, False), ("float32", 0.01, False), ("bfloat16", 0.05, True),
+    ("float16", 0.05, True), ("bfloat16", 0.0501, False),
+])  # fmt: skip
+def test_verify_allows_the_rounding_of_a_16_bit_cast_and_nothing_more(sharded_grin, tmp_path, monkeypatch, dtype,
+                                                                       difference, passes):
+    import modeling_grin.conversion as conversion
+
+    _, folder = sharded_grin
+    compared = []
+    monkeypatch.setattr(conversion, "logits_difference", lambda *paths: compared.append(paths) or difference)
+    if passes:
+        summary = convert_checkpoint(folder, tmp_path / "out", to="phimoe", dtype=dtype, verify=True)
+        assert summary["logits_difference"] == difference
+    else:
+        tolerance = "1e-04" if dtype in (None, "float32") else "5e-02"
+        with pytest.raises(ConversionError, match=rf"^verify: logits differ from the source by {difference:.2e} "
+                                                  rf"\(relative\), above {tolerance}$"):
+            convert_checkpoint(folder, tmp_path / "out", to="phimoe", dtype=dtype, verify=True)
+    (source, written), = compared  # the source against the folder being written, before it is published
+    assert source == folder and written.name.startswith(".out.converting-")
+
+
+def test_verify_compares_logits_only_of_models_small_enough(sharded_grin, tmp_path, monkeypatch):
+    import modeling_grin.conversion as conversion
+
+    _, folder = sharded_grin
+    total = convert_checkpoint(folder, tmp_path / "sized", to="phimoe")["bytes"]
+    for limit, compared in ((total, True), (total - 1, False)):
+        monkeypatch.setattr(conversion, "VERIFY_LOGITS_MAX_BYTES", limit)
+        summary = convert_checkpoint(folder, tmp_path / f"out-{limit}", to="phimoe", verify=True)
+        assert (summary["logits_difference"] is not None) == compared, limit
+    monkeypatch.setattr(conversion, "logits_difference", lambda *paths: 1 / 0)
+    monkeypatch.setattr(conversion, "VERIFY_LOGITS_MAX_BYTES", total)
+    with pytest.raises(ConversionError, match="^verify: the source or the written checkpoint does not run: division "
+                                              "by zero$"):
+        convert_checkpoint(folder, tmp_path / "broken", to="phimoe", verify=True)

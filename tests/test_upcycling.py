@@ -38,6 +38,15 @@ def test_upcycled_model_computes_the_dense_function(tmp_path, kind):
         assert (moe(input_ids).logits - dense(input_ids).logits).abs().max() <= 1e-5
 
 
+def test_verify_leaves_the_logits_alone_when_the_upcycled_model_is_meant_to_differ(tmp_path):
+    """SparseMixer-v2's weights do not sum to one, so its upcycled model computes another function: --verify checks
+    the tensors only."""
+    dense_model("llama").save_pretrained(tmp_path / "dense")
+    summary = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2, verify=True,
+                                 router_type="sparsemixer_v2")
+    assert summary["verified"] and summary["logits_difference"] is None
+
+
 def test_noise_breaks_the_symmetry_reproducibly(tmp_path):
     dense_model("llama").save_pretrained(tmp_path / "dense")
     for name in ("a", "b"):
