@@ -274,8 +274,8 @@ def test_verify_checkpoint_names_what_differs(sharded_grin, tmp_path):
 def test_logits_difference_is_the_largest_difference_relative_to_the_source_logits(tmp_path):
     from modeling_grin.conversion import logits_difference
 
-    tiny_model(seed=0).save_pretrained(tmp_path / "a")
-    tiny_model(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "b")  # read back in fp32, as verify does
+    tiny_model(seed=0).to(torch.bfloat16).save_pretrained(tmp_path / "a")  # both read back in fp32, as verify does
+    tiny_model(seed=1).to(torch.bfloat16).save_pretrained(tmp_path / "b")
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / n, dtype=torch.float32).eval() for n in ("a", "b"))
     input_ids = torch.randint(96, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -342,3 +342,46 @@ def test_verify_compares_logits_only_of_models_small_enough(sharded_grin, tmp_pa
     with pytest.raises(ConversionError, match="^verify: the source or the written checkpoint does not run: division "
                                               "by zero$"):
         convert_checkpoint(folder, tmp_path / "broken", to="phimoe", verify=True)
+
+
+def test_one_and_two_shards_are_named_like_transformers(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    total = convert_checkpoint(folder, tmp_path / "one", to="phimoe", max_shard_size="1GB")["bytes"]
+    assert sorted(path.name for path in (tmp_path / "one").iterdir() if "safetensors" in path.name) == [
+        "model.safetensors"]
+    summary = convert_checkpoint(folder, tmp_path / "two", to="phimoe", max_shard_size=total - 1)
+    names = sorted(path.name for path in (tmp_path / "two").iterdir() if "safetensors" in path.name)
+    assert summary["shards"] == 2 and names == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert tensors(tmp_path / "two").keys() == tensors(tmp_path / "one").keys()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("reshaped", r"^model\.norm\.weight is not what the source's headers announced; did the source change while "
+                 r"converting\?$"),
+    ("repeated", r"^model\.norm\.weight is not what the source's headers announced; did the source change while "
+                 r"converting\?$"),
+    ("added", r"^model\.norm\.extra is not what the source's headers announced; did the source change while "
+              r"converting\?$"),
+    ("dropped", r"^the source no longer holds what its headers announced; did it change while converting\?$"),
+])  # fmt: skip
+def test_a_source_that_changes_while_converting_is_refused(sharded_grin, tmp_path, monkeypatch, change, message):
+    import modeling_grin.conversion as conversion
+
+    _, folder = sharded_grin
+    original = conversion._read_tensors
+
+    def changing(shards, headers_only=False):  # what the data holds, against what the headers announced
+        for name, tensor in original(shards, headers_only):
+            if headers_only or name != "model.norm.weight":
+                yield name, tensor
+            elif change == "reshaped":
+                yield name, tensor[:-1]
+            elif change in ("repeated", "added"):
+                yield name, tensor
+                yield name if change == "repeated" else "model.norm.extra", tensor
+
+    monkeypatch.setattr(conversion, "_read_tensors", changing)
+    with pytest.raises(ConversionError, match=message):
+        convert_checkpoint(folder, tmp_path / "out", to="phimoe")
+    assert_no_output(tmp_path, "out")
