@@ -8,7 +8,7 @@ Contestants (interleaved round by round, order rotated; medians of per-round rat
 - `fp32`, `bf16`: `bitnet=False`, the same sizes;
 - `bitnet latent`: `bitnet=True` as trained (fake quantization each forward, fp32 latent weights);
 - `bitnet packed`: `load_ternary` of `export_ternary`: 2-bit codes in memory, unpacked in every forward.
-Decoding: batch 1, a 32-token prompt, 48 new tokens, eval mode, default experts implementation.
+Decoding: batch 1, a 32-token prompt, 48 new tokens (`--new-tokens`), eval mode, default experts implementation.
 """
 
 import argparse
@@ -57,15 +57,16 @@ def build(shape: str, folder: Path) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def decode(model, input_ids) -> None:
-    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=NEW_TOKENS,
-                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, eos_token_id=None)
+def decode(model, input_ids, new_tokens: int) -> None:
+    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-shape", choices=sorted(MODEL_SHAPES), default="small")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens decoded per round")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
@@ -73,12 +74,12 @@ def main(argv=None) -> dict:
     times = {name: [] for name in CONTESTANTS}
     prompt = torch.randint(3, VOCAB_SIZE, (1, PROMPT_LENGTH), generator=torch.Generator().manual_seed(0))
     for name in CONTESTANTS:  # warm-up (transformers' unpack_weights compiles on its first calls)
-        decode(models[name], prompt)
+        decode(models[name], prompt, args.new_tokens)
     for round_index in range(args.rounds):
         order = CONTESTANTS[round_index % 4:] + CONTESTANTS[:round_index % 4]
         for name in order:
             started = time.perf_counter()
-            decode(models[name], prompt)
+            decode(models[name], prompt, args.new_tokens)
             times[name].append(time.perf_counter() - started)
     rows = []
     for name in CONTESTANTS:
@@ -87,10 +88,10 @@ def main(argv=None) -> dict:
             "contestant": name,
             "file_bytes": file_bytes[name],
             "in_memory_bytes": in_memory_bytes(models[name]),
-            "decode_tokens_per_s": NEW_TOKENS / statistics.median(times[name]),
+            "decode_tokens_per_s": args.new_tokens / statistics.median(times[name]),
             "decode_speed_vs_fp32": ratio,
         })
-    print(f"shape {args.model_shape}, greedy decoding of {NEW_TOKENS} tokens after {PROMPT_LENGTH}, batch 1, "
+    print(f"shape {args.model_shape}, greedy decoding of {args.new_tokens} tokens after {PROMPT_LENGTH}, batch 1, "
           f"{args.rounds} rounds, {torch.get_num_threads()} threads\n")
     print("| model | file | vs fp32 | in memory | tokens/s | speed vs fp32 |\n|---|---|---|---|---|---|")
     for row in rows:

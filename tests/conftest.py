@@ -228,3 +228,19 @@ def deprecations_reached_from_our_code_fail(monkeypatch):
         return original_warn(message, category, stacklevel + 1, source)
 
     monkeypatch.setattr(warnings, "warn", warn)
+
+
+def run_script(script: str, *arguments: str) -> None:
+    """Run a script of the repository (`conversion_scripts/...`) as `python SCRIPT ARGS...` would, in this process (a
+    child would spend seconds importing torch again); fail unless it exits with 0."""
+    import runpy
+
+    path = Path(__file__).resolve().parent.parent / script
+    saved = sys.argv
+    sys.argv = [str(path), *arguments]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as exit_:
+        assert exit_.code in (0, None), f"{script} exited with {exit_.code}"
+    finally:
+        sys.argv = saved

@@ -347,7 +347,7 @@ def test_export_benchmark_reports_sizes_and_speeds():
     spec = importlib.util.spec_from_file_location("bitnet_export_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--model-shape", "tiny", "--rounds", "1"])
+    result = module.main(["--model-shape", "tiny", "--rounds", "1", "--new-tokens", "4"])
     rows = {row["contestant"]: row for row in result["rows"]}
     assert list(rows) == ["fp32", "bf16", "bitnet latent", "bitnet packed"]
     assert rows["bf16"]["file_bytes"] < rows["fp32"]["file_bytes"] == pytest.approx(rows["bitnet latent"]["file_bytes"],

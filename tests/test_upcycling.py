@@ -1,8 +1,8 @@
-import subprocess
-import sys
+import json
 
 import pytest
 import torch
+from conftest import run_script
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
@@ -75,9 +75,9 @@ def test_cli_and_script(tmp_path, capsys):
     dense_model("llama").save_pretrained(tmp_path / "dense")
     assert main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "a"), "--num-experts", "4", "--top-k", "2"]) == 0
     assert "wrote" in capsys.readouterr().out
-    script = [sys.executable, "conversion_scripts/upcycle_dense.py", str(tmp_path / "dense"), str(tmp_path / "b"),
-              "--num-experts", "2", "--top-k", "1", "--verify"]
-    assert subprocess.run(script, capture_output=True, text=True).returncode == 0
+    run_script("conversion_scripts/upcycle_dense.py", str(tmp_path / "dense"), str(tmp_path / "b"), "--num-experts",
+               "2", "--top-k", "1", "--verify")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["num_local_experts"] == 2
 
 
 def saved_dense(tmp_path, kind, edit=None, **overrides):
