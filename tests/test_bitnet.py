@@ -397,5 +397,15 @@ def test_lora_on_a_bitnet_model_adapts_the_attention_and_refuses_the_experts():
     assert lora and all(grad is not None for grad in lora.values())
     assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer, BitNetLinear)
     with_experts = get_peft_model(bitnet_model("grin"), lora_config(bitnet_model("grin"), r=4))
-    with pytest.raises(ValueError, match="cannot be parametrized"):
+    with pytest.raises(ValueError, match=r"^bitnet=True experts cannot be parametrized \(PEFT LoRA on the experts, "
+                                         r"target_parameters\): adapt the attention only, "
+                                         r"lora_config\(model, experts=False\)$"):
         with_experts(input_ids=ids())
+
+
+def test_only_bitnet_experts_have_a_packed_state():
+    from modeling_grin.modeling_grin_moe import GrinMoeExperts
+
+    experts = GrinMoeExperts(tiny_config())
+    with pytest.raises(ValueError, match=r"^only BitNet experts \(config.bitnet=True\) have ternary weights to pack$"):
+        experts.packed_state()
