@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import assert_informative, peak_weights_, tiny_config
+from conftest import assert_informative, peak_weights_, run_script, tiny_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from modeling_grin import MhMoeConfig, MhMoeForCausalLM, MhMoeForSequenceClassification
@@ -339,13 +339,8 @@ def test_checkpoint_with_another_sub_token_size_does_not_load_silently(tmp_path)
         MhMoeForCausalLM.from_pretrained(tmp_path, moe_heads=2)
 
 
-def test_parity_table_script_prints_every_paper_setup(capsys, monkeypatch):
-    import runpy
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "mh_moe_parity.py"
-    monkeypatch.setattr("sys.argv", [str(script)])
-    runpy.run_path(str(script), run_name="__main__")  # in this process: a child would import torch again (6 s)
+def test_parity_table_script_prints_every_paper_setup(capsys):
+    run_script("benchmarks/mh_moe_parity.py")
     printed = capsys.readouterr().out
     assert ("| mh-moe-paper-h3 | 3 | 96 × 512 | 3 | - | 9,437,184 | +0.0% | 38,928,384 | +3.1% | 24,576 | 147,456 "
             "| +1.43% |") in printed
