@@ -409,3 +409,20 @@ def test_only_bitnet_experts_have_a_packed_state():
     experts = GrinMoeExperts(tiny_config())
     with pytest.raises(ValueError, match=r"^only BitNet experts \(config.bitnet=True\) have ternary weights to pack$"):
         experts.packed_state()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm", "fused"])
+def test_packed_experts_whose_rows_are_not_a_multiple_of_four(implementation):
+    """Four codes per byte: the gate/up rows (2 x 5) and the down rows (sub-tokens of 6) end in a part-filled byte
+    whose padding slots must be cut after unpacking, over many tokens and for one decoded token."""
+    model = bitnet_model("mh", moe_heads=4, intermediate_size=5)
+    experts = next(module for module in model.modules() if isinstance(module, SwiGLUExperts))
+    assert (2 * experts.intermediate_dim % 4, experts.hidden_dim % 4) == (2, 2)
+    model.set_experts_implementation(implementation)
+    latent_logits = [model(ids(length=length)).logits for length in (9, 1)]
+    for module in model.modules():
+        if isinstance(module, SwiGLUExperts):
+            module.pack_ternary_()
+    assert experts.gate_up_proj_codes.shape[-2:] == (3, 6)
+    for length, expected in zip((9, 1), latent_logits, strict=True):
+        torch.testing.assert_close(model(ids(length=length)).logits, expected, rtol=0, atol=1e-6)
