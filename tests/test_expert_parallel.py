@@ -25,27 +25,35 @@ def single_process_reference(model, input_ids):
     return {"logits": output.logits.detach(), "loss": output.loss.detach(), **grads}
 
 
-@pytest.mark.parametrize(
-    "family, ep_implementation",
-    [("grin", "all_reduce"), ("grin", "all_to_all"), ("mh_moe", "all_reduce")],
-)
-def test_two_expert_parallel_processes_match_one(tmp_path, family, ep_implementation):
-    model = tiny_model() if family == "grin" else tiny_mh_model(moe_layer_frequency=1)
-    model.save_pretrained(tmp_path / "model")
+CASES = [("grin", "all_reduce"), ("grin", "all_to_all"), ("mh_moe", "all_reduce")]
+
+
+@pytest.fixture(scope="module")
+def expert_parallel_runs(tmp_path_factory):
+    """Every case's single-process reference and the outputs of rank 0, from one two-process launch."""
+    folder = tmp_path_factory.mktemp("expert_parallel")
     input_ids = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(0))
-    save_file({"input_ids": input_ids}, tmp_path / "inputs.safetensors")
-    reference = single_process_reference(model, input_ids)
+    save_file({"input_ids": input_ids}, folder / "inputs.safetensors")
+    references, cases = {}, []
+    for family, ep_implementation in CASES:
+        model = tiny_model() if family == "grin" else tiny_mh_model(moe_layer_frequency=1)
+        model.save_pretrained(folder / family)
+        references[family, ep_implementation] = single_process_reference(model, input_ids)
+        cases.append(f"{folder / family}:{ep_implementation}:{folder / f'{family}-{ep_implementation}.safetensors'}")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", free_port(), WORKER,
-               tmp_path / "model", tmp_path / "inputs.safetensors", tmp_path / "out.safetensors", ep_implementation,
-               "fused"]  # fmt: skip
+               "--master_port", free_port(), WORKER, folder / "inputs.safetensors", "fused", *cases]  # fmt: skip
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    return {case: (reference, load_file(folder / f"{case[0]}-{case[1]}.safetensors"))
+            for case, reference in references.items()}
 
-    distributed = load_file(tmp_path / "out.safetensors")
+
+@pytest.mark.parametrize("family, ep_implementation", CASES)
+def test_two_expert_parallel_processes_match_one(expert_parallel_runs, family, ep_implementation):
+    reference, distributed = expert_parallel_runs[family, ep_implementation]
     assert distributed.keys() == reference.keys()
     for name, expected in reference.items():
         error = (distributed[name] - expected).abs().max() / expected.abs().max().clamp(min=1e-6)
