@@ -41,14 +41,19 @@ def expert_parallel_runs(tmp_path_factory):
         references[family, ep_implementation] = single_process_reference(model, input_ids)
         cases.append(f"{folder / family}:{ep_implementation}:{folder / f'{family}-{ep_implementation}.safetensors'}")
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                "--master_port", free_port(), WORKER, folder / "inputs.safetensors", "fused", *cases]  # fmt: skip
     result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    return {case: (reference, load_file(folder / f"{case[0]}-{case[1]}.safetensors"))
-            for case, reference in references.items()}
+    return {
+        case: (reference, load_file(folder / f"{case[0]}-{case[1]}.safetensors"))
+        for case, reference in references.items()
+    }
 
 
 @pytest.mark.parametrize("family, ep_implementation", CASES)

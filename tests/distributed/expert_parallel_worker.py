@@ -20,6 +20,7 @@ from transformers.distributed import DistributedConfig
 
 import modeling_grin  # noqa: F401  (registers the model classes and the fused experts)
 
+
 def full(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
