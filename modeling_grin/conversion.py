@@ -708,6 +708,10 @@ _DENSE_FIELDS = (
     "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
     "attention_dropout", "sliding_window", "dtype", "torch_dtype",
 )
+_DENSE_DEFAULTED_FIELDS = (
+    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps", "bos_token_id",
+    "eos_token_id", "pad_token_id", "tie_word_embeddings", "attention_dropout",
+)
 
 
 def upcycled_config(dense: dict, num_experts: int, top_k: int, router_type: str, dtype: str | None = None) -> dict:
@@ -719,14 +723,23 @@ def upcycled_config(dense: dict, num_experts: int, top_k: int, router_type: str,
     if dense.get("mlp_bias"):  # GRIN-MoE's experts have no biases: the MLP's could not be carried over
         raise ConversionError("config.json has mlp_bias=true, but GRIN-MoE experts have no biases; upcycling would "
                               "drop them")
+    try:
+        dense_object = _config_object(dense)
+    except Exception as error:
+        raise ConversionError(f"config.json is not a valid {dense['model_type']} config: {error}") from error
     config = {key: dense[key] for key in _DENSE_FIELDS if key in dense}
+    # A field the file leaves out means the dense class's default, which GRIN-MoE's may not share (Mistral's 8 key/value
+    # heads and 4,096-token window, Llama's as many key/value heads as query heads and 1e-6 norm eps, ...).
+    for key in _DENSE_DEFAULTED_FIELDS:
+        if key not in config and getattr(dense_object, key, None) is not None:
+            config[key] = getattr(dense_object, key)
     if "rope_theta" not in config and not config.get("rope_parameters") and not config.get("rope_scaling"):
         config["rope_theta"] = 10000.0  # the dense classes' default
     config.update(
         model_type="grinmoe", architectures=["GrinMoeForCausalLM"], norm_type="rmsnorm",
-        attention_bias=bool(dense.get("attention_bias", False)), lm_head_bias=False,
-        sliding_window=dense.get("sliding_window"), num_local_experts=num_experts, num_experts_per_tok=top_k,
-        router_type=router_type, router_renormalize=True, input_jitter_noise=0.0,
+        attention_bias=bool(getattr(dense_object, "attention_bias", False)), lm_head_bias=False,
+        sliding_window=getattr(dense_object, "sliding_window", None), num_local_experts=num_experts,
+        num_experts_per_tok=top_k, router_type=router_type, router_renormalize=True, input_jitter_noise=0.0,
     )
     if dtype is not None:
         config["dtype"] = dtype
@@ -755,8 +768,7 @@ def _upcycled_tensors(
     qkv = _FUSED_QKV.match(name)
     if qkv:  # Phi-3 fuses q, k and v
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-        sizes = [config["num_attention_heads"] * head_dim] + [kv_heads * head_dim] * 2
+        sizes = [config["num_attention_heads"] * head_dim] + [config["num_key_value_heads"] * head_dim] * 2
         _check_fused_shape(name, tensor, sum(sizes), config)
         for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes, dim=0), strict=True):
             yield f"{qkv.group(1)}.{projection}.{qkv.group(2)}", part.contiguous()
@@ -810,7 +822,8 @@ def upcycle_checkpoint(
     verify: bool = False,
 ) -> dict:
     """Sparse upcycling: every expert of every layer starts as the dense checkpoint's MLP (plus optional noise of
-    `noise_std` times each matrix's standard deviation) and the router is drawn from N(0, router_init_std²).
+    `noise_std` times each matrix's standard deviation) and the router is drawn from N(0, router_init_std²), with the
+    seeds docs/conversion.md gives (one per layer, expert and matrix: the same draws however the source is sharded).
 
     With `router_type="softmax_topk"` (renormalised weights summing to one) and no noise the upcycled model computes
     exactly the dense model's function at the start; SparseMixer-v2's weights do not sum to one, so it does not.

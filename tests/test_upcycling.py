@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Ph
 
 from modeling_grin import GrinMoeForCausalLM
 from modeling_grin.cli import main
-from modeling_grin.conversion import ConversionError, upcycle_checkpoint
+from modeling_grin.conversion import ConversionError, upcycle_checkpoint, upcycled_config
 
 SIZES = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=79)
@@ -147,3 +147,155 @@ def test_a_bad_phi3_checkpoint_is_one_line_on_the_command_line(tmp_path, capsys)
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["grin-moe upcycle: error: model.layers.1.self_attn.qkv_proj.weight has shape (64, 31), the "
                      "config implies (64, 32)"]
+
+
+# ----- the upcycled config, written out ------------------------------------------------------------------------------
+
+LLAMA_CONFIG = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 80, "hidden_size": 32,
+    "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "head_dim": 8, "hidden_act": "silu", "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 5e5,
+    "bos_token_id": 1, "eos_token_id": 79, "pad_token_id": 0, "tie_word_embeddings": False,
+    "attention_dropout": 0.0, "attention_bias": True, "mlp_bias": False, "torch_dtype": "float16",
+    "initializer_range": 0.02, "pretraining_tp": 1, "use_cache": True,
+}  # fmt: skip
+
+
+def test_upcycled_config_keeps_the_dense_fields_and_adds_the_moe_ones():
+    config = upcycled_config(dict(LLAMA_CONFIG), num_experts=6, top_k=2, router_type="sparsemixer_v2")
+    dense_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
+                    "rope_theta", "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings",
+                    "attention_dropout", "torch_dtype")
+    assert config == {
+        **{key: LLAMA_CONFIG[key] for key in dense_fields},
+        "model_type": "grinmoe", "architectures": ["GrinMoeForCausalLM"], "norm_type": "rmsnorm",
+        "attention_bias": True, "lm_head_bias": False, "sliding_window": None, "num_local_experts": 6,
+        "num_experts_per_tok": 2, "router_type": "sparsemixer_v2", "router_renormalize": True,
+        "input_jitter_noise": 0.0,
+    }  # fmt: skip
+    mistral = {**LLAMA_CONFIG, "model_type": "mistral", "sliding_window": 16}
+    del mistral["attention_bias"]
+    config = upcycled_config(mistral, num_experts=2, top_k=1, router_type="softmax_topk", dtype="bfloat16")
+    assert (config["sliding_window"], config["attention_bias"], config["dtype"]) == (16, False, "bfloat16")
+    assert "torch_dtype" not in config  # the cast replaces the source's dtype, under its current name
+
+
+def test_fields_the_dense_file_leaves_out_keep_the_dense_classes_meaning():
+    """GRIN-MoE's defaults are not the dense classes': left out, a field is written with the dense class's default."""
+    omitted = ("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+               "eos_token_id", "pad_token_id", "tie_word_embeddings", "attention_bias")
+    llama = {key: value for key, value in LLAMA_CONFIG.items() if key not in omitted}
+    config = upcycled_config(llama, num_experts=2, top_k=1, router_type="softmax_topk")
+    expected = {"num_key_value_heads": 4, "head_dim": 8, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048,
+                "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "attention_bias": False}
+    assert {key: config.get(key) for key in (*expected, "pad_token_id")} == {**expected, "pad_token_id": None}
+    mistral = {key: value for key, value in llama.items() if key != "num_attention_heads"}
+    config = upcycled_config({**mistral, "model_type": "mistral", "num_attention_heads": 8}, num_experts=2, top_k=1,
+                             router_type="softmax_topk")
+    assert (config["sliding_window"], config["num_key_value_heads"], config["head_dim"]) == (4096, 8, 4)
+    with pytest.raises(ConversionError, match="config.json is not a valid llama config: .*hidden_act"):
+        upcycled_config({**LLAMA_CONFIG, "hidden_act": 5}, num_experts=2, top_k=1, router_type="softmax_topk")
+
+
+@pytest.mark.parametrize("rope, expected_theta", [
+    ({}, 10000.0),  # the dense classes' default, spelled out
+    ({"rope_theta": 5e5}, 5e5),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 2e5}}, None),
+    ({"rope_scaling": {"rope_type": "default", "rope_theta": 3e5}}, None),  # (its older name)
+])  # fmt: skip
+def test_rope_theta_is_spelled_out_only_when_the_dense_config_sets_no_rope(rope, expected_theta):
+    dense = {key: value for key, value in LLAMA_CONFIG.items() if key != "rope_theta"}
+    config = upcycled_config({**dense, **rope}, num_experts=2, top_k=1, router_type="softmax_topk")
+    assert config.get("rope_theta") == expected_theta
+    for key in ("rope_parameters", "rope_scaling"):
+        assert config.get(key) == rope.get(key)
+
+
+def test_refusals_of_the_dense_config_name_what_is_wrong():
+    with pytest.raises(ConversionError) as error:
+        upcycled_config({**LLAMA_CONFIG, "model_type": "gemma"}, num_experts=2, top_k=1, router_type="softmax_topk")
+    assert str(error.value) == "upcycling reads llama, mistral, phi3 checkpoints, got model_type 'gemma'"
+    with pytest.raises(ConversionError) as error:
+        upcycled_config({**LLAMA_CONFIG, "mlp_bias": True}, num_experts=2, top_k=1, router_type="softmax_topk")
+    assert str(error.value) == ("config.json has mlp_bias=true, but GRIN-MoE experts have no biases; upcycling "
+                                "would drop them")
+
+
+# ----- the upcycled tensors ------------------------------------------------------------------------------------------
+
+
+def documented_draw(seed: int, shape, *, layer: int, expert: int | None = None, matrix: str | None = None):
+    """The N(0, 1) draws upcycle_checkpoint documents: the noise of (layer, expert, matrix) and a layer's router."""
+    if expert is None:
+        offset = layer
+    else:
+        offset = layer * 10_007 + expert * 3 + ("gate_proj", "up_proj", "down_proj").index(matrix)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + offset))
+
+
+@pytest.mark.parametrize("kind", ["llama", "phi3"])
+def test_noise_and_router_are_the_documented_seeded_draws(tmp_path, kind):
+    """Expert e of layer l is dense + noise_std * std(matrix) * N(0, 1) drawn per (seed, l, e, matrix), the router
+    router_init_std * N(0, 1) per (seed, l): reproducible across releases and independent of sharding. Phi-3's fused
+    gate_up is split first, each half drawn as its own matrix."""
+    dense = dense_model(kind)
+    dense.save_pretrained(tmp_path / "dense")
+    upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=3, top_k=1, noise_std=1.0,
+                       router_init_std=0.5, seed=5, router_type="sparsemixer_v2")
+    moe = GrinMoeForCausalLM.from_pretrained(tmp_path / "moe")
+    for layer, (dense_layer, moe_layer) in enumerate(zip(dense.model.layers, moe.model.layers, strict=True)):
+        mlp = dense_layer.mlp
+        if kind == "phi3":
+            gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        else:
+            gate, up = mlp.gate_proj.weight, mlp.up_proj.weight
+        matrices = {"gate_proj": gate, "up_proj": up, "down_proj": mlp.down_proj.weight}
+        experts = moe_layer.mlp.experts
+        for expert in range(3):
+            noisy = {name: matrix + matrix.std() * documented_draw(5, matrix.shape, layer=layer, expert=expert,
+                                                                   matrix=name)
+                     for name, matrix in matrices.items()}  # fmt: skip
+            expected_gate_up = torch.cat([noisy["gate_proj"], noisy["up_proj"]])
+            torch.testing.assert_close(experts.gate_up_proj[expert], expected_gate_up, rtol=0, atol=1e-6)
+            torch.testing.assert_close(experts.down_proj[expert], noisy["down_proj"], rtol=0, atol=1e-6)
+        router = moe_layer.mlp.router.weight
+        torch.testing.assert_close(router, 0.5 * documented_draw(5, router.shape, layer=layer), rtol=0, atol=0)
+
+
+def test_defaults_router_std_seed_no_verification_and_no_replacing(tmp_path):
+    dense_model("llama").save_pretrained(tmp_path / "dense")
+    summary = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=4, top_k=2)
+    assert summary["verified"] is False and summary["logits_difference"] is None
+    router = GrinMoeForCausalLM.from_pretrained(tmp_path / "moe").model.layers[1].mlp.router.weight
+    assert torch.equal(router, 0.02 * documented_draw(0, router.shape, layer=1))  # router_init_std 0.02, seed 0
+    with pytest.raises(ConversionError, match="exists; pass --force to replace it"):
+        upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=2, top_k=1)
+    upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=2, top_k=1, force=True)
+    assert json.loads((tmp_path / "moe" / "config.json").read_text())["num_local_experts"] == 2
+
+
+def test_a_16_bit_checkpoint_stays_16_bit_and_dtype_casts_everything(tmp_path):
+    dense_model("phi3").to(torch.bfloat16).save_pretrained(tmp_path / "dense")
+    upcycle_checkpoint(tmp_path / "dense", tmp_path / "kept", num_experts=2, top_k=1, noise_std=0.1)
+    assert {tensor.dtype for tensor in load_file(tmp_path / "kept" / "model.safetensors").values()} == {torch.bfloat16}
+    upcycle_checkpoint(tmp_path / "dense", tmp_path / "cast", num_experts=2, top_k=1, noise_std=0.1, dtype="float32")
+    assert {tensor.dtype for tensor in load_file(tmp_path / "cast" / "model.safetensors").values()} == {torch.float32}
+    assert json.loads((tmp_path / "cast" / "config.json").read_text())["dtype"] == "float32"
+    with pytest.raises(ConversionError) as error:
+        upcycle_checkpoint(tmp_path / "dense", tmp_path / "bad", num_experts=2, top_k=1, dtype="float64")
+    assert str(error.value) == "--dtype must be one of float32, bfloat16, float16, got 'float64'"
+
+
+def test_phi3_with_its_own_head_dim_and_no_num_key_value_heads_computes_the_dense_function(tmp_path):
+    """q, k and v are split by head_dim when the config sets one; without num_key_value_heads there are as many as
+    query heads (Phi-3's default)."""
+    sizes = {**SIZES, "head_dim": 16, "num_key_value_heads": 4}
+    torch.manual_seed(0)
+    dense = Phi3ForCausalLM(Phi3Config(**sizes)).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    del config["num_key_value_heads"]
+    (tmp_path / "dense" / "config.json").write_text(json.dumps(config))
+    summary = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", num_experts=2, top_k=1, verify=True)
+    assert summary["logits_difference"] <= 1e-5
