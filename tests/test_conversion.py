@@ -5,12 +5,20 @@ import time
 
 import pytest
 import torch
-from conftest import RELEASED_GRIN_CONFIG, TINY_SIZES, informative_model, rewrite_as_phimoe, run_script, tiny_model
+from conftest import (
+    RELEASED_GRIN_CONFIG,
+    TINY_SIZES,
+    informative_model,
+    rewrite_as_phimoe,
+    run_script,
+    tiny_config,
+    tiny_model,
+)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PhimoeForCausalLM
 
 from modeling_grin.cli import main
-from modeling_grin.conversion import ConversionError, convert_checkpoint, parse_size
+from modeling_grin.conversion import ConversionError, convert_checkpoint, parse_size, translate_config
 
 
 def tensors(folder):
@@ -384,3 +392,72 @@ def test_a_source_that_changes_while_converting_is_refused(sharded_grin, tmp_pat
     with pytest.raises(ConversionError, match=message):
         convert_checkpoint(folder, tmp_path / "out", to="phimoe")
     assert_no_output(tmp_path, "out")
+
+
+# ----- translate_config, field by field ------------------------------------------------------------------------------
+
+
+def saved_grin_config(**overrides) -> dict:
+    """A GRIN-MoE config.json as save_pretrained writes it, with what loading from the Hub adds."""
+    config = json.loads(tiny_config(**overrides).to_json_string(use_diff=True))
+    return {**config, "_name_or_path": "org/grin", "auto_map": {"AutoConfig": "configuration.GrinMoeConfig"}}
+
+
+@pytest.mark.parametrize("to", ["grinmoe", "phimoe"])
+def test_translated_config_drops_loading_leftovers_and_names_the_target(to):
+    source = saved_grin_config(router_precision="logits")
+    written = translate_config(source, to)
+    assert "_name_or_path" not in written and "auto_map" not in written
+    assert (written["model_type"], written["architectures"]) == (
+        ("phimoe", ["PhimoeForCausalLM"]) if to == "phimoe" else ("grinmoe", ["GrinMoeForCausalLM"]))
+    ours_only = ("router_type", "router_renormalize", "router_precision", "aux_loss_type")
+    kept = {key: source[key] for key in source if key not in ("_name_or_path", "auto_map", "model_type")}
+    if to == "phimoe":
+        assert not set(ours_only) & set(written)
+        kept = {key: value for key, value in kept.items() if key not in ours_only}
+    assert {key: written[key] for key in kept} == kept
+    written = translate_config({**source, "torch_dtype": "float32"}, to, dtype="bfloat16")
+    assert written["dtype"] == "bfloat16" and "torch_dtype" not in written
+
+
+def test_phimoe_keeps_a_head_dim_only_when_one_is_set():
+    assert translate_config(saved_grin_config(head_dim=16), "phimoe")["head_dim"] == 16
+    assert "head_dim" not in translate_config({**saved_grin_config(), "head_dim": None}, "phimoe")
+
+
+@pytest.mark.parametrize("rope, expected_theta", [
+    ({}, {"grinmoe": 10000.0, "phimoe": 1_000_000.0}),  # each source class's default, spelled out
+    ({"rope_theta": 5e5}, {"grinmoe": 5e5, "phimoe": 5e5}),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 2e5}}, None),
+    ({"rope_scaling": {"rope_type": "default", "rope_theta": 3e5}}, None),
+])  # fmt: skip
+@pytest.mark.parametrize("source_type", ["grinmoe", "phimoe"])
+def test_rope_theta_is_spelled_out_only_when_the_source_sets_no_rope(rope, expected_theta, source_type):
+    source = {key: value for key, value in saved_grin_config().items() if key != "rope_parameters"}
+    translated = translate_config({**source, "model_type": source_type, **rope}, "grinmoe")
+    assert translated.get("rope_theta") == (expected_theta or {}).get(source_type)
+    for key in ("rope_parameters", "rope_scaling"):
+        assert translated.get(key) == rope.get(key)
+
+
+def test_phimoe_takes_routing_fields_left_to_their_defaults():
+    source = {key: value for key, value in saved_grin_config().items()
+              if key not in ("router_type", "num_experts_per_tok")}  # fmt: skip
+    assert translate_config(source, "phimoe")["model_type"] == "phimoe"  # SparseMixer-v2 and 2 experts by default
+
+
+@pytest.mark.parametrize("to, overrides, message", [
+    ("mixtral", {}, "--to must be one of ('grinmoe', 'phimoe'), got 'mixtral'"),
+    ("grinmoe", {"model_type": "mixtral"},
+     "source model_type 'mixtral' is not a GRIN-MoE/Phi-3.5-MoE checkpoint (('grinmoe', 'phimoe'))"),
+    ("phimoe", {"bitnet": True}, "transformers' Phimoe has no ternary weights; this model was trained with "
+                                 "bitnet=True (export it with modeling_grin.bitnet_export instead)"),
+    ("phimoe", {"router_type": "softmax_topk"},
+     "transformers' Phimoe routes only with SparseMixer; this model uses softmax_topk"),
+    ("phimoe", {"num_experts_per_tok": 3},
+     "transformers' Phimoe always routes to 2 experts; this model uses num_experts_per_tok=3"),
+])  # fmt: skip
+def test_translate_config_refusals_in_full(to, overrides, message):
+    with pytest.raises(ConversionError) as error:
+        translate_config({**saved_grin_config(), **overrides}, to)
+    assert str(error.value) == message

@@ -254,6 +254,24 @@ def test_fused_experts_with_a_wrong_shape_name_their_source(single_file, tmp_pat
         convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
 
 
+@pytest.mark.parametrize("name, shape, message", [
+    ("model.layers.0.mlp.experts.gate_up_proj", (5, 48, 32),
+     "model.layers.0.block_sparse_moe.experts.4.w1.weight (from model.layers.0.mlp.experts.gate_up_proj): expert 4 "
+     "but the config has num_local_experts=4"),
+    ("model.layers.1.mlp.experts.down_proj", (4, 32, 24),
+     "model.layers.1.block_sparse_moe.experts.0.w2.weight (from model.layers.1.mlp.experts.down_proj): layer 1 but "
+     "the config has num_hidden_layers=1"),
+])  # fmt: skip
+def test_fused_experts_beyond_the_config_name_their_source(single_file, tmp_path, nothing_written, name, shape,
+                                                           message):
+    model = tiny_model(num_hidden_layers=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, single_file / "model.safetensors")
+    edit_weights(single_file, lambda weights: weights.update({name: torch.zeros(shape)}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == message
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda w: w.update({"model.norm.weight": torch.ones(32, dtype=torch.int64)}), "must be floating point"),
     (lambda w: w.update({"model.extra.weight": torch.ones(2)}), "model.extra.weight is not a tensor of the model"),
@@ -330,6 +348,29 @@ def test_index_entries_outside_the_source_are_refused(single_file, tmp_path, ent
     (single_file / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(weights, entry)}))
     with pytest.raises(ConversionError, match="model.safetensors.index.json entry .* is not a file name inside"):
         convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+@pytest.mark.parametrize("entry", [5, "", None])
+def test_index_entries_that_are_not_file_names_are_refused(single_file, tmp_path, entry):
+    weights = load_file(single_file / "model.safetensors")
+    index = single_file / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": dict.fromkeys(weights, entry)}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == f"model.safetensors.index.json entry {entry!r} is not a file name inside {single_file}"
+
+
+@pytest.mark.parametrize("text, error", [
+    ("{", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ('{"metadata": {}}', "'weight_map'"),
+    ("[]", "list indices must be integers or slices, not str"),
+])  # fmt: skip
+def test_an_index_that_is_not_a_weight_map_is_refused(single_file, tmp_path, text, error):
+    index = single_file / "model.safetensors.index.json"
+    index.write_text(text)
+    with pytest.raises(ConversionError) as raised:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(raised.value) == f"{index} is not a safetensors index (a JSON object with a weight_map): {error}"
 
 
 def test_links_inside_the_source_and_a_hub_cache_snapshot_are_read(single_file, tmp_path):
