@@ -752,12 +752,12 @@ def upcycled_config(dense: dict, num_experts: int, top_k: int, router_type: str,
 
 
 _DENSE_MLP = re.compile(r"^(model\.layers\.(\d+))\.mlp\.(gate_proj|up_proj|down_proj|gate_up_proj)\.weight$")
-_FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn)\.qkv_proj\.(weight|bias)$")
+_FUSED_QKV = re.compile(r"^(model\.layers\.\d+\.self_attn)\.qkv_proj\.weight$")  # (Phi-3 has no qkv bias)
 
 
 def _check_fused_shape(name: str, tensor: torch.Tensor, rows: int, config: dict) -> None:
     """A fused Phi-3 matrix must have the rows the config implies before it is split."""
-    expected = (rows, config["hidden_size"]) if name.endswith(".weight") else (rows,)
+    expected = (rows, config["hidden_size"])
     if tuple(tensor.shape) != expected:
         raise ConversionError(f"{name} has shape {tuple(tensor.shape)}, the config implies {expected}")
 
@@ -771,7 +771,7 @@ def _upcycled_tensors(
         sizes = [config["num_attention_heads"] * head_dim] + [config["num_key_value_heads"] * head_dim] * 2
         _check_fused_shape(name, tensor, sum(sizes), config)
         for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes, dim=0), strict=True):
-            yield f"{qkv.group(1)}.{projection}.{qkv.group(2)}", part.contiguous()
+            yield f"{qkv.group(1)}.{projection}.weight", part.contiguous()
         return
     mlp = _DENSE_MLP.match(name)
     if not mlp:

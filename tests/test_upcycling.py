@@ -105,6 +105,8 @@ def saved_dense(tmp_path, kind, edit=None, **overrides):
      r"model.layers.0.self_attn.qkv_proj.weight has shape \(60, 32\), the config implies \(64, 32\)"),
     ("phi3", lambda w: w.update({"model.layers.0.mlp.gate_up_proj.weight": torch.zeros(95, 32)}),
      r"model.layers.0.mlp.gate_up_proj.weight has shape \(95, 32\), the config implies \(96, 32\)"),
+    ("phi3", lambda w: w.update({"model.layers.0.self_attn.qkv_proj.bias": torch.zeros(64)}),  # Phi-3 has none
+     r"^model.layers.0.self_attn.qkv_proj.bias is not a tensor of the model the config describes$"),
 ])
 def test_incomplete_or_misshapen_dense_checkpoints_are_refused_before_writing(tmp_path, monkeypatch, kind, edit,
                                                                               message):
