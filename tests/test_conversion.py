@@ -144,8 +144,10 @@ def test_existing_destination_needs_force_and_force_replaces_only_our_output(sha
     _, folder = sharded_grin
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(ConversionError, match="--force"):
+    with pytest.raises(ConversionError) as error:
         convert_checkpoint(folder, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == (f"{tmp_path / 'out'} exists; pass --force to replace it (only a previous output of "
+                                "grin-moe convert or upcycle can be replaced)")
     with pytest.raises(ConversionError, match="not an output of grin-moe convert"):
         convert_checkpoint(folder, tmp_path / "out", to="grinmoe", force=True)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"

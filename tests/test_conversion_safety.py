@@ -105,8 +105,15 @@ def test_the_source_and_folders_around_or_inside_it_are_refused(grin, tmp_path, 
     assert sorted(os.listdir(tmp_path / "work")) == ["src"]
 
 
-@pytest.mark.parametrize("kind", ["foreign file", "our output plus a file", "untagged checkpoint", "subfolder"])
-def test_force_refuses_a_folder_it_did_not_write(grin, old_output, tmp_path, kind):
+@pytest.mark.parametrize("kind, reason", [
+    ("foreign file", "it holds important.txt"),
+    ("our output plus a file", "it holds README.md"),
+    ("untagged checkpoint", "{first_shard} has no written_by=modeling_grin.conversion metadata"),
+    ("unreadable shard", "model.safetensors has no written_by=modeling_grin.conversion metadata"),
+    ("subfolder", "notes is not a regular file"),
+    ("link to a file", "config.json is not a regular file"),
+])  # fmt: skip
+def test_force_refuses_a_folder_it_did_not_write(grin, old_output, tmp_path, kind, reason):
     destination, _ = old_output
     if kind == "foreign file":
         shutil.rmtree(destination)
@@ -117,11 +124,21 @@ def test_force_refuses_a_folder_it_did_not_write(grin, old_output, tmp_path, kin
     elif kind == "untagged checkpoint":  # a model saved by transformers, not by a conversion
         shutil.rmtree(destination)
         shutil.copytree(grin, destination)
-    else:
+    elif kind == "unreadable shard":  # a shard of ours cut short: no longer proof that the folder is ours
+        shard = destination / "model.safetensors"
+        (tmp_path / "cut").write_bytes(shard.read_bytes()[:100])
+        os.replace(tmp_path / "cut", shard)  # (a new file: the fixture's tensors still map the old one)
+    elif kind == "subfolder":
         (destination / "notes").mkdir()
+    else:  # a name we write, but a link to someone's file
+        (destination / "config.json").rename(tmp_path / "their-config.json")
+        (destination / "config.json").symlink_to(tmp_path / "their-config.json")
     before = {path.name: path.read_bytes() for path in destination.iterdir() if path.is_file()}
-    with pytest.raises(ConversionError, match="not an output of grin-moe convert or upcycle"):
+    with pytest.raises(ConversionError) as error:
         convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    reason = reason.format(first_shard=min(path.name for path in grin.glob("model-*.safetensors")))
+    assert str(error.value) == (f"{destination} is not an output of grin-moe convert or upcycle ({reason}); --force "
+                                "replaces only those: move it away or choose another destination")
     assert {path.name: path.read_bytes() for path in destination.iterdir() if path.is_file()} == before
     assert hidden_entries(tmp_path) == []
 
@@ -188,21 +205,41 @@ def test_a_kill_between_the_two_renames_is_undone_by_the_next_run(grin, old_outp
     assert hidden_entries(tmp_path) == []
 
 
-@pytest.mark.parametrize("force", [False, True])
-def test_a_destination_that_appears_during_the_run_is_left_alone(grin, tmp_path, monkeypatch, force):
+APPEARED = " (it appeared or changed while converting; it was left alone)"
+
+
+@pytest.mark.parametrize("force, appears, message", [
+    (False, "folder", "{destination} exists; pass --force to replace it (only a previous output of grin-moe convert or "
+                      "upcycle can be replaced)" + APPEARED),
+    (True, "folder", "{destination} is not an output of grin-moe convert or upcycle (it holds theirs.txt); --force "
+                     "replaces only those: move it away or choose another destination" + APPEARED),
+    (True, "link", "{destination} is a symbolic link; choose another destination" + APPEARED),
+    (True, "file", "{destination} exists and is not a folder; choose another destination" + APPEARED),
+])  # fmt: skip
+def test_a_destination_that_appears_during_the_run_is_left_alone(grin, tmp_path, monkeypatch, force, appears,
+                                                                   message):
     destination = tmp_path / "out"
     write_shards = conversion._write_shards
 
     def someone_else_creates_it(*args, **kwargs):
         manifest = write_shards(*args, **kwargs)
-        destination.mkdir()
-        (destination / "theirs.txt").write_text("keep me")
+        if appears == "folder":
+            destination.mkdir()
+            (destination / "theirs.txt").write_text("keep me")
+        elif appears == "link":
+            (tmp_path / "theirs").mkdir()
+            destination.symlink_to(tmp_path / "theirs")
+        else:
+            destination.write_text("keep me")
         return manifest
 
     monkeypatch.setattr(conversion, "_write_shards", someone_else_creates_it)
-    with pytest.raises(ConversionError, match="appeared or changed while converting"):
+    with pytest.raises(ConversionError) as error:
         convert_checkpoint(grin, destination, to="grinmoe", force=force)
-    assert os.listdir(destination) == ["theirs.txt"] and hidden_entries(tmp_path) == []
+    assert str(error.value) == message.format(destination=destination)
+    assert hidden_entries(tmp_path) == []
+    if appears == "folder":
+        assert os.listdir(destination) == ["theirs.txt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -408,9 +445,11 @@ def test_a_config_that_is_not_an_object(single_file, tmp_path, capsys, text, mes
 
 
 @pytest.mark.parametrize("kind, message", [
-    ("file", "exists and is not a folder"), ("link to a folder", "is a symbolic link"),
-    ("dangling link", "is a symbolic link"), ("parent is a file", "cannot write"),
-])
+    ("file", "{destination} exists and is not a folder; choose another destination"),
+    ("link to a folder", "{destination} is a symbolic link; give the folder it points to, or a new one"),
+    ("dangling link", "{destination} is a symbolic link; give the folder it points to, or a new one"),
+    ("parent is a file", "cannot write"),
+])  # fmt: skip
 def test_destinations_that_are_not_folders(grin, tmp_path, capsys, kind, message):
     destination = tmp_path / "out"
     if kind == "file":
@@ -425,7 +464,8 @@ def test_destinations_that_are_not_folders(grin, tmp_path, capsys, kind, message
         destination = tmp_path / "file" / "out"
     before = sorted(os.listdir(tmp_path))
     assert main(["convert", str(grin), str(destination), "--to", "grinmoe", "--force"]) == 2
-    assert message in one_line_error(capsys)
+    error = one_line_error(capsys).removeprefix("grin-moe convert: error: ")
+    assert error == message.format(destination=destination) if "{" in message else message in error
     assert sorted(os.listdir(tmp_path)) == before
 
 
