@@ -346,6 +346,77 @@ def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path):
     assert hidden_entries(tmp_path) == sorted([".out.converting-1", f".out.converting-{dead[2]}"])
 
 
+def test_a_run_counts_as_alive_unless_its_process_is_gone(monkeypatch):
+    """A leftover is deleted only when its process is gone for sure: alive, another user's (no permission to signal
+    it) or on a system without a harmless liveness probe, it is left alone; the probe itself signals nothing."""
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert conversion._pid_is_alive(running.pid)
+        with pytest.raises(subprocess.TimeoutExpired):  # still running: probed with signal 0, not hung up or killed
+            running.wait(timeout=0.5)
+    finally:
+        running.kill()
+        running.wait()
+    assert not conversion._pid_is_alive(running.pid)
+
+    def not_permitted(pid, signal):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_permitted)
+    assert conversion._pid_is_alive(running.pid)
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "name", "nt")
+    assert conversion._pid_is_alive(running.pid)
+
+
+def test_an_old_output_that_cannot_be_deleted_is_left_for_the_next_run(grin, old_output, tmp_path, monkeypatch,
+                                                                         caplog):
+    destination, phimoe_tensors = old_output
+    unlink = os.unlink
+
+    def undeletable(path, *args, **kwargs):
+        if os.path.basename(path) == "config.json" and kwargs.get("dir_fd") is not None:  # (inside rmtree only)
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", undeletable)
+    with caplog.at_level("WARNING", logger="modeling_grin.conversion"):
+        convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    monkeypatch.undo()
+    assert_is_output(destination, phimoe_tensors, "grinmoe")
+    (removing,) = [entry for entry in hidden_entries(tmp_path)]
+    assert removing == f".out.removing-{os.getpid()}" and os.listdir(tmp_path / removing) == ["config.json"]
+    assert caplog.messages == [f"could not remove all of {tmp_path / removing}; the next conversion to this "
+                               "destination tries again"]
+    convert_checkpoint(grin, destination, to="phimoe", force=True)
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
+def test_a_kill_between_the_two_renames_is_undone_by_the_same_process(grin, old_output, tmp_path, monkeypatch):
+    """While set aside, the old output is in use (no other conversion takes it for a dead run's); after a kill that
+    leaves it aside, the next conversion to the destination puts it back."""
+    destination, phimoe_tensors = old_output
+    rename = os.rename
+
+    def killed_at_the_second_rename(source, target):
+        if os.path.basename(target) == "out":  # the new output moving in, or the old one put back: neither happens
+            assert conversion._leftovers(destination) == []
+            raise KeyboardInterrupt("simulated kill")
+        rename(source, target)
+
+    monkeypatch.setattr(os, "rename", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(grin, destination, to="grinmoe", force=True)
+    monkeypatch.undo()
+    assert not destination.exists()
+    assert [name.rsplit("-", 1)[0] for name in hidden_entries(tmp_path)] == [".out.replaced"]
+    with pytest.raises(ConversionError, match="exists; pass --force"):
+        convert_checkpoint(grin, destination, to="grinmoe")  # the old output is back, so it is not replaced
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
 def test_a_failed_run_removes_the_parents_it_created_and_only_those(grin, tmp_path, monkeypatch):
     (tmp_path / "existing").mkdir()
 
@@ -356,6 +427,15 @@ def test_a_failed_run_removes_the_parents_it_created_and_only_those(grin, tmp_pa
     with pytest.raises(ConversionError, match="cannot write .*No space left on device"):
         convert_checkpoint(grin, tmp_path / "existing" / "a" / "b" / "out", to="grinmoe")
     assert os.listdir(tmp_path) == ["existing"] and os.listdir(tmp_path / "existing") == []
+
+    def disk_full_after_someone_wrote_beside(*args, **kwargs):
+        (tmp_path / "existing" / "a" / "theirs.txt").write_text("keep me")
+        disk_full()
+
+    monkeypatch.setattr(conversion, "save_file", disk_full_after_someone_wrote_beside)
+    with pytest.raises(ConversionError, match="cannot write .*No space left on device"):  # (not the cleanup's error)
+        convert_checkpoint(grin, tmp_path / "existing" / "a" / "b" / "out", to="grinmoe")
+    assert os.listdir(tmp_path / "existing" / "a") == ["theirs.txt"]  # b removed, a kept with what it holds
 
 
 # ---------------------------------------------------------------------------------------------------------------------
