@@ -314,6 +314,22 @@ def test_shards_are_filled_up_to_the_size_limit_and_named_like_transformers(shar
     assert set(index["weight_map"].values()) == set(names)
 
 
+def test_a_shard_takes_tensors_up_to_the_limit_exactly(tmp_path):
+    """transformers' rule: a tensor joins the shard unless the shard would exceed the limit, so three 400-byte
+    tensors under an 800-byte limit make shards of two and one."""
+    from modeling_grin.conversion import _write_shards
+
+    tensors = {name: torch.full((100,), float(number)) for number, name in enumerate("abc")}
+    plan = {name: ((100,), torch.float32, name) for name in tensors}
+    manifest = _write_shards(iter(tensors.items()), tmp_path, plan, None, limit=800)
+    assert {name: entry["file"] for name, entry in manifest.items()} == {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
+        "c": "model-00002-of-00002.safetensors"}  # fmt: skip
+    (tmp_path / "one").mkdir()
+    manifest = _write_shards(iter(tensors.items()), tmp_path / "one", plan, None, limit=1200)
+    assert {entry["file"] for entry in manifest.values()} == {"model.safetensors"}
+
+
 @pytest.mark.parametrize("dtype, difference, passes", [
     (None, 1e-4, True), (None, 1.01e-4, False), ("float32", 0.01, False), ("bfloat16", 0.05, True),
     ("float16", 0.05, True), ("bfloat16", 0.0501, False),
