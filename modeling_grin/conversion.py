@@ -370,8 +370,8 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()  # a dangling link exists too
 
 
-def _sibling(destination: Path, kind: str, pid: int | None = None) -> Path:
-    return destination.parent / f".{destination.name}.{kind}-{os.getpid() if pid is None else pid}"
+def _sibling(destination: Path, kind: str) -> Path:
+    return destination.parent / f".{destination.name}.{kind}-{os.getpid()}"
 
 
 def _written_by_us(shard: Path) -> bool:

@@ -479,3 +479,13 @@ def test_translate_config_refusals_in_full(to, overrides, message):
     with pytest.raises(ConversionError) as error:
         translate_config({**saved_grin_config(), **overrides}, to)
     assert str(error.value) == message
+
+
+def test_convert_verifies_only_when_asked_and_names_a_bad_dtype(sharded_grin, tmp_path):
+    _, folder = sharded_grin
+    summary = convert_checkpoint(folder, tmp_path / "out", to="phimoe")
+    assert summary["verified"] is False and summary["logits_difference"] is None
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(folder, tmp_path / "bad", to="grinmoe", dtype="int8")
+    assert str(error.value) == "--dtype must be one of float32, bfloat16, float16, got 'int8'"
+    assert not (tmp_path / "bad").exists()

@@ -346,6 +346,32 @@ def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path):
     assert hidden_entries(tmp_path) == sorted([".out.converting-1", f".out.converting-{dead[2]}"])
 
 
+def test_the_newest_old_output_of_killed_runs_is_put_back_and_the_others_removed(grin, old_output, tmp_path):
+    destination, phimoe_tensors = old_output
+    older, newer = sorted(dead_pid() for _ in range(2))[::-1]  # the newer leftover has the smaller pid: names mislead
+    convert_checkpoint(grin, tmp_path / "grin-format", to="grinmoe")
+    (tmp_path / "grin-format").rename(tmp_path / f".out.replaced-{older}")
+    destination.rename(tmp_path / f".out.replaced-{newer}")
+    os.utime(tmp_path / f".out.replaced-{older}", (1_000_000, 1_000_000))
+    with pytest.raises(ConversionError, match="exists; pass --force"):
+        convert_checkpoint(grin, destination, to="grinmoe")
+    assert_is_output(destination, phimoe_tensors, "phimoe")
+    assert hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "link to a folder"])
+def test_entries_named_like_leftovers_that_are_not_folders_are_left_alone(grin, tmp_path, kind):
+    leftover = tmp_path / f".out.replaced-{dead_pid()}"
+    if kind == "file":
+        leftover.write_text("keep me")
+    else:
+        shutil.copytree(grin, tmp_path / "theirs")
+        leftover.symlink_to(tmp_path / "theirs")
+    convert_checkpoint(grin, tmp_path / "out", to="phimoe")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "phimoe"
+    assert not (tmp_path / "out").is_symlink() and hidden_entries(tmp_path) == [leftover.name]
+
+
 def test_a_run_counts_as_alive_unless_its_process_is_gone(monkeypatch):
     """A leftover is deleted only when its process is gone for sure: alive, another user's (no permission to signal
     it) or on a system without a harmless liveness probe, it is left alone; the probe itself signals nothing."""
