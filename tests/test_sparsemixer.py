@@ -290,3 +290,80 @@ def test_eval_path_equals_the_slot_by_slot_rule_bit_for_bit_with_its_gradient(to
     assert torch.equal(weights, expected_weights)
     assert torch.equal(grad, expected_grad)
     assert (grad != 0).any()
+
+
+# ----- router_precision: the routing math in fp32 (default) or in the logits' dtype, as the released code -----------
+
+
+def bf16_logits(tokens=256, experts=8, seed=0):
+    return (2 * torch.randn(tokens, experts, generator=torch.Generator().manual_seed(seed))).bfloat16()
+
+
+@pytest.mark.parametrize("jitter_eps", [0.01, 0.5])
+def test_logits_precision_is_bit_exact_with_transformers_sparsemixer_in_bf16(jitter_eps):
+    """Phimoe's port of the released router computes in the logits' dtype; "float32" rounds only the result (which
+    differs from bf16 arithmetic where the 2 * eps mask leaves several candidates)."""
+    logits = logits_with_ties().bfloat16()
+    reference_weights, reference_indices = modeling_phimoe.sparsemixer(logits, jitter_eps, training=False)
+    weights, indices = sparsemixer_v2(logits, 2, jitter_eps, training=False, precision="logits")
+    assert torch.equal(indices, reference_indices) and torch.equal(weights, reference_weights)
+    fp32_weights, fp32_indices = sparsemixer_v2(logits, 2, jitter_eps, training=False)
+    expected_weights, expected_indices = sparsemixer_v2(logits.float(), 2, jitter_eps, training=False)
+    assert fp32_weights.dtype == torch.bfloat16 and torch.equal(fp32_indices, expected_indices)
+    assert torch.equal(fp32_weights, expected_weights.bfloat16())
+    assert torch.equal(fp32_weights, weights) == (jitter_eps == 0.01)  # 0.5: many partial weights, rounded apart
+
+
+@pytest.mark.parametrize("precision", ["float32", "logits"])
+def test_training_weights_come_back_in_the_logits_dtype(precision):
+    logits = bf16_logits(tokens=64)
+    generator = torch.Generator().manual_seed(0)
+    weights, indices = sparsemixer_v2(logits, 2, 0.01, training=True, generator=generator, precision=precision)
+    assert weights.dtype == torch.bfloat16 and indices.dtype == torch.long
+    scores = logits.float() if precision == "float32" else logits
+    again = sparsemixer_v2(scores, 2, 0.01, training=True, generator=torch.Generator().manual_seed(0),
+                           precision="logits")  # fmt: skip
+    assert torch.equal(indices, again[1]) and torch.equal(weights, again[0].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("precision", ["float32", "logits"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_topk_precision(precision, renormalize):
+    logits = bf16_logits()
+    weights, indices = softmax_topk(logits, 2, renormalize, precision=precision)
+    probs = (logits.float() if precision == "float32" else logits).softmax(dim=-1)
+    expected, expected_indices = probs.topk(2, dim=-1)
+    if renormalize:
+        expected = expected / expected.sum(dim=-1, keepdim=True)
+    assert weights.dtype == torch.bfloat16
+    assert torch.equal(indices, expected_indices) and torch.equal(weights, expected.bfloat16())
+
+
+def test_an_unknown_precision_is_refused_with_the_allowed_ones():
+    for route in (lambda: sparsemixer_v2(torch.randn(3, 4), 2, 0.01, False, precision="bf16"),
+                  lambda: softmax_topk(torch.randn(3, 4), 2, True, precision="bf16")):  # fmt: skip
+        with pytest.raises(ValueError) as error:
+            route()
+        assert str(error.value) == "`precision` must be 'float32' or 'logits', got 'bf16'"
+
+
+@pytest.mark.parametrize("router_type", ["sparsemixer_v2", "softmax_topk"])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_router_applies_its_configured_rule_precision_and_renormalisation(router_type, renormalize):
+    from conftest import tiny_config
+
+    config = tiny_config(router_type=router_type, router_renormalize=renormalize, router_precision="logits",
+                         router_jitter_noise=0.5)  # (a wide mask: bf16 and fp32 routing differ often)
+    router = sm.GrinMoeRouter(config).eval()
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(0)))
+    router.bfloat16()
+    hidden = torch.randn(256, config.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        logits, weights, indices = router(hidden)
+        assert torch.equal(logits, torch.nn.functional.linear(hidden, router.weight))
+        if router_type == "softmax_topk":
+            expected = softmax_topk(logits, config.num_experts_per_tok, renormalize, precision="logits")
+        else:
+            expected = sparsemixer_v2(logits, config.num_experts_per_tok, 0.5, training=False, precision="logits")
+    assert torch.equal(weights, expected[0]) and torch.equal(indices, expected[1])
