@@ -176,7 +176,11 @@ def test_unsupported_requests(sharded_grin, tmp_path):
 def test_cli_and_script(sharded_grin, tmp_path, capsys):
     _, folder = sharded_grin
     assert main(["convert", str(folder), str(tmp_path / "a"), "--to", "phimoe", "--verify"]) == 0
-    assert "verified" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "verified" in captured.out
+    shards = len(list(folder.glob("*.safetensors")))
+    assert f"converting shards: 100%|██████████| {shards}/{shards} [" in captured.err  # the progress bar, in shards
+    assert "shard/s]" in captured.err
     assert main(["convert", str(folder), str(tmp_path / "a"), "--to", "phimoe"]) == 2
     assert "--force" in capsys.readouterr().err
     run_script("conversion_scripts/convert_grin_moe.py", str(folder), str(tmp_path / "b"), "--to", "grinmoe")
