@@ -1,6 +1,7 @@
 """tools/mutation.py: the per-module mutation runs' helper (docs/testing.md)."""
 
 import importlib.util
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -90,3 +91,11 @@ def test_decorators_become_assignments_that_give_the_same_functions(tmp_path, mo
     assert decorated.add(1, 2) == 30 and decorated.calls == ["add"]  # the same order: logged inside scaled
     assert decorated.Box(4).double == 8 and decorated.Box.unit().value == 1
     sys.modules.pop("decorated")
+
+
+def test_mutmut_runs_through_the_launcher_without_tqdms_monitor_thread():
+    """The launcher is mutmut's own command line, in a process whose tqdm starts no monitor thread."""
+    check = mutation.RUN_MUTMUT.replace("sys.exit(cli())", "print(tqdm.tqdm.monitor_interval); sys.exit(cli())")
+    result = subprocess.run([sys.executable, "-c", check, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("0\n") and "Usage:" in result.stdout and "run" in result.stdout

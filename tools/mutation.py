@@ -40,6 +40,10 @@ TEST_FILES = {
     "modeling_grin/conversion.py": ["tests/test_conversion.py", "tests/test_conversion_safety.py",
                                     "tests/test_upcycling.py"],
 }
+# mutmut forks its workers from a process that has run the tests: tqdm's monitor thread, started by the first progress
+# bar, may hold tqdm's lock at the fork, and every bar in that worker then waits for it forever (seen: conversion
+# mutants hung on `save_pretrained`'s bar). Without the thread the lock is free whenever the main thread forks.
+RUN_MUTMUT = "import sys, tqdm; tqdm.tqdm.monitor_interval = 0; from mutmut.__main__ import cli; sys.exit(cli())"
 ROOT = Path(__file__).resolve().parents[1]
 SOLE_DECORATORS_MUTMUT_TAKES = {"staticmethod", "classmethod"}
 
@@ -128,7 +132,7 @@ def main(argv=None) -> int:
 
     # inductor in mutmut's forked workers hangs unless it compiles in-process; one thread per worker
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
-    run = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *(args.only or [])]
+    run = [sys.executable, "-c", RUN_MUTMUT, "run", "--max-children", str(args.max_children), *(args.only or [])]
     subprocess.run(run, cwd=workdir, env=env, check=True)  # its progress line shows on the terminal
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=workdir, env=env,
                              check=True, capture_output=True, text=True).stdout
