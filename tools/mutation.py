@@ -27,7 +27,7 @@ import libcst as cst
 # Core module -> the test files that check it; pyproject.toml's selection is their union.
 TEST_FILES = {
     "modeling_grin/sparsemixer.py": ["tests/test_sparsemixer.py", "tests/test_modeling_grin_moe.py"],
-    "modeling_grin/losses.py": ["tests/test_losses.py"],
+    "modeling_grin/losses.py": ["tests/test_losses.py", "tests/test_fidelity_options.py"],  # (the latter: gshard)
     "modeling_grin/bitnet.py": ["tests/test_bitnet.py"],
     "modeling_grin/experts.py": ["tests/test_fused_experts.py", "tests/test_experts_shapes.py", "tests/test_bitnet.py"],
     "modeling_grin/fused_experts.py": ["tests/test_fused_experts.py", "tests/test_experts_shapes.py",
