@@ -94,8 +94,10 @@ def test_decorators_become_assignments_that_give_the_same_functions(tmp_path, mo
 
 
 def test_mutmut_runs_through_the_launcher_without_tqdms_monitor_thread():
-    """The launcher is mutmut's own command line, in a process whose tqdm starts no monitor thread."""
-    check = mutation.RUN_MUTMUT.replace("sys.exit(cli())", "print(tqdm.tqdm.monitor_interval); sys.exit(cli())")
+    """The launcher is mutmut's own command line, in a process whose tqdm starts no monitor thread and locks with a
+    lock of the process's own (no multiprocessing lock shared with forked workers)."""
+    shown = "print(tqdm.tqdm.monitor_interval, type(tqdm.tqdm.get_lock()).__module__); sys.exit(cli())"
+    check = mutation.RUN_MUTMUT.replace("sys.exit(cli())", shown)
     result = subprocess.run([sys.executable, "-c", check, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("0\n") and "Usage:" in result.stdout and "run" in result.stdout
+    assert result.stdout.startswith("0 _thread\n") and "Usage:" in result.stdout and "run" in result.stdout

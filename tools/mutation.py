@@ -40,10 +40,12 @@ TEST_FILES = {
     "modeling_grin/conversion.py": ["tests/test_conversion.py", "tests/test_conversion_safety.py",
                                     "tests/test_upcycling.py"],
 }
-# mutmut forks its workers from a process that has run the tests: tqdm's monitor thread, started by the first progress
-# bar, may hold tqdm's lock at the fork, and every bar in that worker then waits for it forever (seen: conversion
-# mutants hung on `save_pretrained`'s bar). Without the thread the lock is free whenever the main thread forks.
-RUN_MUTMUT = "import sys, tqdm; tqdm.tqdm.monitor_interval = 0; from mutmut.__main__ import cli; sys.exit(cli())"
+# mutmut forks its workers from a process that has run the tests, and tqdm's default lock includes a multiprocessing
+# lock that every forked worker shares: one worker ending while it holds it (or tqdm's monitor thread holding it at a
+# fork) leaves every later progress bar waiting forever (seen: conversion mutants hung in `save_pretrained`'s bar).
+# Each worker gets a lock of its own instead, and no monitor thread.
+RUN_MUTMUT = ("import sys, threading, tqdm; tqdm.tqdm.monitor_interval = 0; tqdm.tqdm.set_lock(threading.RLock()); "
+              "from mutmut.__main__ import cli; sys.exit(cli())")
 ROOT = Path(__file__).resolve().parents[1]
 SOLE_DECORATORS_MUTMUT_TAKES = {"staticmethod", "classmethod"}
 
