@@ -319,16 +319,18 @@ def test_shards_are_filled_up_to_the_size_limit_and_named_like_transformers(shar
 
 
 def test_a_shard_takes_tensors_up_to_the_limit_exactly(tmp_path):
-    """transformers' rule: a tensor joins the shard unless the shard would exceed the limit, so three 400-byte
-    tensors under an 800-byte limit make shards of two and one."""
+    """transformers' rule: a tensor joins the shard unless the shard would exceed the limit, so five 400-byte
+    tensors under an 800-byte limit make shards of two, two and one."""
     from modeling_grin.conversion import _write_shards
 
-    tensors = {name: torch.full((100,), float(number)) for number, name in enumerate("abc")}
+    tensors = {name: torch.full((100,), float(number)) for number, name in enumerate("abcde")}
     plan = {name: ((100,), torch.float32, name) for name in tensors}
     manifest = _write_shards(iter(tensors.items()), tmp_path, plan, None, limit=800)
+    shards = [f"model-{number:05d}-of-00003.safetensors" for number in (1, 2, 3)]
     assert {name: entry["file"] for name, entry in manifest.items()} == {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00001-of-00002.safetensors",
-        "c": "model-00002-of-00002.safetensors"}  # fmt: skip
+        "a": shards[0], "b": shards[0], "c": shards[1], "d": shards[1], "e": shards[2]}  # fmt: skip
+    tensors = {name: tensors[name] for name in "abc"}
+    plan = {name: plan[name] for name in "abc"}
     (tmp_path / "one").mkdir()
     manifest = _write_shards(iter(tensors.items()), tmp_path / "one", plan, None, limit=1200)
     assert {entry["file"] for entry in manifest.values()} == {"model.safetensors"}
@@ -445,6 +447,16 @@ def test_translated_config_drops_loading_leftovers_and_names_the_target(to):
 def test_phimoe_keeps_a_head_dim_only_when_one_is_set():
     assert translate_config(saved_grin_config(head_dim=16), "phimoe")["head_dim"] == 16
     assert "head_dim" not in translate_config({**saved_grin_config(), "head_dim": None}, "phimoe")
+    without = {key: value for key, value in saved_grin_config().items() if key != "head_dim"}
+    assert "head_dim" not in translate_config(without, "phimoe")
+
+
+def test_a_translated_config_the_target_rejects_names_the_target_and_its_reason():
+    with pytest.raises(ConversionError) as error:
+        translate_config({**saved_grin_config(), "router_type": "expert_choice"}, "grinmoe")
+    assert str(error.value) == (
+        "the translated config is not a valid grinmoe config: `router_type` must be one of ('sparsemixer_v2', "
+        "'softmax_topk'), got 'expert_choice'")
 
 
 @pytest.mark.parametrize("rope, expected_theta", [

@@ -192,15 +192,18 @@ def test_a_kill_while_deleting_the_old_output_leaves_the_new_one_and_the_next_ru
     assert hidden_entries(tmp_path) == []
 
 
-def test_a_kill_between_the_two_renames_is_undone_by_the_next_run(grin, old_output, tmp_path):
+def test_a_kill_between_the_two_renames_is_undone_by_the_next_run(grin, old_output, tmp_path, caplog):
     destination, phimoe_tensors = old_output
     pid = dead_pid()
     # The state a kill leaves after the old output was renamed aside and before the new one was renamed in.
     destination.rename(tmp_path / f".out.replaced-{pid}")
     convert_checkpoint(grin, tmp_path / "new", to="grinmoe")
     (tmp_path / "new").rename(tmp_path / f".out.converting-{pid}")
-    with pytest.raises(ConversionError, match="exists; pass --force"):
+    with caplog.at_level("WARNING", logger="modeling_grin.conversion"), pytest.raises(ConversionError,
+                                                                                      match="exists; pass --force"):
         convert_checkpoint(grin, destination, to="grinmoe")  # the old output is back, so it is not replaced
+    assert f"restored {destination} from .out.replaced-{pid} (a conversion was killed while replacing it)" in (
+        caplog.messages)
     assert_is_output(destination, phimoe_tensors, "phimoe")
     assert hidden_entries(tmp_path) == []
 
@@ -261,9 +264,48 @@ def test_a_shard_of_non_expert_tensors_missing_from_index_and_disk(single_file, 
     save_file(experts, single_file / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": dict.fromkeys(experts, "model-00001-of-00002.safetensors")}
     (single_file / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ConversionError, match=r"model.embed_tokens.weight \(and \d+ more\) is missing from the source"):
+    missing = set(weights) - set(experts)
+    with pytest.raises(ConversionError) as error:
         convert_checkpoint(single_file, tmp_path / "deep" / "out", to="grinmoe", verify=True)
+    assert str(error.value) == (f"model.embed_tokens.weight (and {len(missing) - 1} more) is missing from the source; "
+                                "the config implies it with shape (96, 32) (1 layers x 4 experts)")
     assert not (tmp_path / "deep").exists() and hidden_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("dropped, message", [
+    (["model.norm.weight"], "model.norm.weight is missing"),
+    (["model.norm.weight", "lm_head.weight"], "model.norm.weight (and 1 more) is missing"),
+])  # fmt: skip
+def test_missing_tensors_are_named_and_counted(single_file, tmp_path, nothing_written, dropped, message):
+    edit_weights(single_file, lambda weights: [weights.pop(name) for name in dropped])
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == (f"{message} from the source; the config implies it with shape (32,) (1 layers x 4 "
+                                "experts)")
+
+
+def test_only_a_tied_lm_head_may_be_absent(tmp_path):
+    tied = tmp_path / "tied"
+    tiny_model(num_hidden_layers=1, tie_word_embeddings=True).save_pretrained(tied)
+    assert "lm_head.weight" not in load_file(tied / "model.safetensors")
+    convert_checkpoint(tied, tmp_path / "out", to="phimoe", verify=True)
+    untied = tmp_path / "untied"
+    tiny_model(num_hidden_layers=1).save_pretrained(untied)
+    edit_weights(untied, lambda weights: weights.pop("lm_head.weight"))
+    with pytest.raises(ConversionError, match="^lm_head.weight is missing from the source"):
+        convert_checkpoint(untied, tmp_path / "out2", to="phimoe")
+
+
+def test_an_integer_expert_tensor_names_its_source(single_file, tmp_path, nothing_written):
+    model = tiny_model(num_hidden_layers=1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, single_file / "model.safetensors")
+    edit_weights(single_file, lambda weights: weights.update(
+        {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(4, 48, 32, dtype=torch.int32)}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == ("model.layers.0.block_sparse_moe.experts.0.w1.weight (from "
+                                "model.layers.0.mlp.experts.gate_up_proj) has dtype torch.int32; weights must be "
+                                "floating point")
 
 
 @pytest.mark.parametrize("name, shape", [
@@ -330,7 +372,7 @@ def test_saved_rotary_frequencies_are_skipped(single_file, tmp_path):
 # 3. Leftovers: dead runs' temporary folders are cleaned, live ones and foreign files are not; no empty parents
 
 
-def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path):
+def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path, caplog):
     dead = [dead_pid() for _ in range(3)]
     leftovers = {
         f".out.converting-{dead[0]}": ["part-00001.safetensors", "config.json"],
@@ -342,8 +384,14 @@ def test_leftovers_of_dead_runs_are_removed_by_the_next_run(grin, tmp_path):
         (tmp_path / name).mkdir()
         for file in files:
             (tmp_path / name / file).write_text("partial")
-    convert_checkpoint(grin, tmp_path / "out", to="grinmoe")
+    with caplog.at_level("WARNING", logger="modeling_grin.conversion"):
+        convert_checkpoint(grin, tmp_path / "out", to="grinmoe")
     assert hidden_entries(tmp_path) == sorted([".out.converting-1", f".out.converting-{dead[2]}"])
+    assert sorted(caplog.messages) == sorted([
+        f"removed {tmp_path / f'.out.converting-{dead[0]}'}, left by a conversion that did not finish",
+        f"removed {tmp_path / f'.out.removing-{dead[1]}'}, left by a conversion that did not finish",
+        f"left {tmp_path / f'.out.converting-{dead[2]}'} alone: it holds files a conversion does not write",
+    ])  # fmt: skip
 
 
 def test_the_newest_old_output_of_killed_runs_is_put_back_and_the_others_removed(grin, old_output, tmp_path):
@@ -357,6 +405,16 @@ def test_the_newest_old_output_of_killed_runs_is_put_back_and_the_others_removed
         convert_checkpoint(grin, destination, to="grinmoe")
     assert_is_output(destination, phimoe_tensors, "phimoe")
     assert hidden_entries(tmp_path) == []
+
+
+def test_a_set_aside_folder_that_is_not_a_finished_output_of_ours_is_left_alone(grin, old_output, tmp_path):
+    """Beside an existing destination, a dead run's `replaced` folder is deleted only when it is a finished output of
+    ours (our metadata in every shard): a checkpoint saved by transformers under that name stays."""
+    leftover = tmp_path / f".out.replaced-{dead_pid()}"
+    shutil.copytree(grin, leftover)
+    convert_checkpoint(grin, tmp_path / "out", to="grinmoe", force=True)
+    assert hidden_entries(tmp_path) == [leftover.name]
+    assert sorted(path.name for path in leftover.iterdir()) == sorted(path.name for path in grin.iterdir())
 
 
 @pytest.mark.parametrize("kind", ["file", "link to a folder"])
