@@ -171,6 +171,8 @@ def test_unsupported_requests(sharded_grin, tmp_path):
     with pytest.raises(ConversionError, match="size"):
         parse_size("five gigabytes")
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64KiB") == 65536
+    assert (parse_size("5gb"), parse_size("1500"), parse_size("2B"), parse_size(" 1.5 MiB ")) == (
+        5 * 10**9, 1500, 2, 3 * 2**19)
 
 
 def test_cli_and_script(sharded_grin, tmp_path, capsys):

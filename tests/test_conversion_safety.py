@@ -644,3 +644,124 @@ def test_a_full_disk_is_one_line_and_debug_shows_the_traceback(grin, tmp_path, c
     with pytest.raises(ConversionError, match="No space left on device"):
         main(["--debug", *argv])
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Every refusal of a source names what is wrong, in full
+
+
+def test_refusals_of_a_source_in_full(single_file, tmp_path):
+    def refusal(source):
+        with pytest.raises(ConversionError) as error:
+            convert_checkpoint(source, tmp_path / "out", to="grinmoe")
+        assert not (tmp_path / "out").exists()
+        return str(error.value)
+
+    assert refusal(tmp_path / "nowhere") == f"{tmp_path / 'nowhere'} is not a folder"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert refusal(empty) == f"{empty} has no config.json"
+    shutil.copy(single_file / "config.json", empty / "config.json")
+    assert refusal(empty) == f"{empty} has no safetensors weights"
+    for pickled in ("weights.pt", "weights.pth"):
+        (empty / pickled).write_bytes(b"not loaded")
+        assert refusal(empty) == (f"{empty} holds only pickle weights, which are never loaded; save them as "
+                                  "safetensors")
+        (empty / pickled).unlink()
+    weights = load_file(single_file / "model.safetensors")
+    (single_file / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: f"model-0000{1 + number % 2}-of-00002.safetensors"
+                        for number, name in enumerate(weights)}}))  # fmt: skip
+    assert refusal(single_file) == (f"{single_file} is missing shard(s) listed in its index: "
+                                    "model-00001-of-00002.safetensors, model-00002-of-00002.safetensors")
+
+
+@pytest.mark.parametrize("entry", ["model.safetensors.index.json", "shard", "config.json", "tokenizer.json"])
+def test_a_link_leading_outside_the_source_is_named_in_full(single_file, tmp_path, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if entry == "shard":
+        weights = load_file(single_file / "model.safetensors")
+        (single_file / "model.safetensors").rename(outside / "model.safetensors")
+        (single_file / "model.safetensors").symlink_to(outside / "model.safetensors")
+        index = {"weight_map": dict.fromkeys(weights, "model.safetensors")}
+        (single_file / "model.safetensors.index.json").write_text(json.dumps(index))
+        named, target = "model.safetensors.index.json entry 'model.safetensors'", outside / "model.safetensors"
+    else:
+        if entry == "model.safetensors.index.json":
+            index = {"weight_map": dict.fromkeys(load_file(single_file / "model.safetensors"), "model.safetensors")}
+            (outside / entry).write_text(json.dumps(index))
+        elif entry == "config.json":
+            (single_file / entry).rename(outside / entry)
+        else:
+            (outside / entry).write_text("{}")
+        (single_file / entry).symlink_to(outside / entry)
+        named, target = entry, outside / entry
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == (f"{named} in {single_file} leads outside it (to {target}); only files inside the "
+                                "source are read")
+
+
+def test_a_dangling_tokenizer_link_is_refused_not_skipped(single_file, tmp_path):
+    (single_file / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    with pytest.raises(ConversionError, match=r"^tokenizer.json in .* leads outside it"):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+def test_a_folder_named_snapshots_without_blobs_beside_it_is_no_hub_cache(tmp_path):
+    """Only a real cache layout (`snapshots/REV` with `blobs` two levels up) lets links leave the snapshot."""
+    snapshot = tmp_path / "repo" / "snapshots" / "rev"
+    snapshot.parent.mkdir(parents=True)
+    tiny_model(num_hidden_layers=1).save_pretrained(snapshot)
+    (tmp_path / "repo" / "elsewhere").mkdir()
+    (snapshot / "config.json").rename(tmp_path / "repo" / "elsewhere" / "config.json")
+    (snapshot / "config.json").symlink_to(tmp_path / "repo" / "elsewhere" / "config.json")
+    with pytest.raises(ConversionError, match="^config.json in .* leads outside it"):
+        convert_checkpoint(snapshot, tmp_path / "out", to="grinmoe")
+
+
+@pytest.mark.parametrize("value", [0, -1, True, "32", 32.0])
+def test_size_fields_must_be_positive_integers(single_file, tmp_path, value):
+    config = json.loads((single_file / "config.json").read_text())
+    (single_file / "config.json").write_text(json.dumps({**config, "hidden_size": value}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == f"config.json: hidden_size must be a positive integer, got {value!r}"
+
+
+def test_a_tensor_of_an_unconverted_dtype_and_a_repeated_tensor_are_named(single_file, tmp_path):
+    edit_weights(single_file, lambda weights: weights.update(
+        {"model.norm.weight": torch.ones(32).to(torch.float8_e4m3fn)}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == "model.norm.weight in model.safetensors has dtype F8_E4M3, which is not converted"
+    edit_weights(single_file, lambda weights: weights.update({"model.norm.weight": torch.ones(32)}))
+    weights = load_file(single_file / "model.safetensors")  # the norm in both shards, the index naming the second
+    save_file(weights, single_file / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({"model.norm.weight": weights["model.norm.weight"]}, single_file / "model-00002-of-00002.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    (single_file / "model.safetensors").unlink()
+    index = {**dict.fromkeys(weights, "model-00001-of-00002.safetensors"),
+             "model.norm.weight": "model-00002-of-00002.safetensors"}  # fmt: skip
+    (single_file / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert str(error.value) == "tensor model.norm.weight appears twice in the source"
+
+
+def test_a_tensor_the_mapping_cannot_take_is_named_with_its_shape(single_file, tmp_path):
+    edit_weights(single_file, lambda weights: weights.update(
+        {"model.layers.0.mlp.experts.gate_up_proj": torch.zeros(48)}))  # 1-D: no expert rows to split
+    with pytest.raises(ConversionError, match=r"^model.layers.0.mlp.experts.gate_up_proj with shape \(48,\) cannot "
+                                              r"be converted: "):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+
+
+def test_shard_headers_are_read_as_meta_tensors_and_no_run_stays_in_use(single_file, tmp_path):
+    headers = list(conversion._read_tensors([single_file / "model.safetensors"], headers_only=True))
+    assert headers and all(tensor.is_meta for _, tensor in headers)
+    convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    with pytest.raises(ConversionError):
+        convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
+    assert conversion._IN_USE == set()
