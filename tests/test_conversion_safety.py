@@ -709,16 +709,18 @@ def test_a_dangling_tokenizer_link_is_refused_not_skipped(single_file, tmp_path)
         convert_checkpoint(single_file, tmp_path / "out", to="grinmoe")
 
 
-def test_a_folder_named_snapshots_without_blobs_beside_it_is_no_hub_cache(tmp_path):
-    """Only a real cache layout (`snapshots/REV` with `blobs` two levels up) lets links leave the snapshot."""
-    snapshot = tmp_path / "repo" / "snapshots" / "rev"
-    snapshot.parent.mkdir(parents=True)
-    tiny_model(num_hidden_layers=1).save_pretrained(snapshot)
-    (tmp_path / "repo" / "elsewhere").mkdir()
-    (snapshot / "config.json").rename(tmp_path / "repo" / "elsewhere" / "config.json")
-    (snapshot / "config.json").symlink_to(tmp_path / "repo" / "elsewhere" / "config.json")
+@pytest.mark.parametrize("layout", ["snapshots without blobs", "blobs without snapshots"])
+def test_only_a_hub_cache_layout_lets_links_leave_the_source(tmp_path, layout):
+    """Links may lead into `blobs` only from `snapshots/REV` with `blobs` two levels up (the cache layout)."""
+    source = tmp_path / "repo" / ("snapshots" if layout.startswith("snapshots") else "models") / "rev"
+    source.parent.mkdir(parents=True)
+    tiny_model(num_hidden_layers=1).save_pretrained(source)
+    target = tmp_path / "repo" / ("elsewhere" if layout.startswith("snapshots") else "blobs")
+    target.mkdir()
+    (source / "config.json").rename(target / "config.json")
+    (source / "config.json").symlink_to(target / "config.json")
     with pytest.raises(ConversionError, match="^config.json in .* leads outside it"):
-        convert_checkpoint(snapshot, tmp_path / "out", to="grinmoe")
+        convert_checkpoint(source, tmp_path / "out", to="grinmoe")
 
 
 @pytest.mark.parametrize("value", [0, -1, True, "32", 32.0])
