@@ -75,6 +75,16 @@ def test_gshard_loss_uses_the_top1_assignment_and_leaves_out_padding():
     assert value.item() == pytest.approx(gshard_from_the_formula(sub_token_layers, 8, expanded), rel=1e-5)
 
 
+def test_gshard_loss_of_a_single_real_token_and_of_padding_only():
+    """One real token: its own probabilities times its one-hot, E * p(top-1); a layer of padding only adds nothing."""
+    layers = collapsed_layers(rows=6, seed=2)
+    one_real = torch.tensor([[0, 0, 1], [0, 0, 0]])
+    value = gshard_load_balancing_loss(tuple(layers), 8, attention_mask=one_real)
+    assert value.item() == pytest.approx(gshard_from_the_formula(layers, 8, [0, 0, 1, 0, 0, 0]), rel=1e-5)
+    assert value.item() == pytest.approx(sum(8 * layer[2].softmax(-1).max().item() for layer in layers), rel=1e-5)
+    assert gshard_load_balancing_loss(tuple(layers), 8, attention_mask=torch.zeros(2, 3)).item() == 0.0
+
+
 def test_gshard_gradient_flows_through_the_mean_probability_only():
     logits = collapsed_layers()[0].requires_grad_(True)
     gshard_load_balancing_loss((logits,), 8).backward()
