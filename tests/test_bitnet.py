@@ -21,7 +21,7 @@ from modeling_grin.bitnet import (
     ternary_weight,
     unpack_ternary,
 )
-from modeling_grin.bitnet_export import TERNARY_FILE, export_ternary, load_ternary
+from modeling_grin.bitnet_export import TERNARY_FILE, export_ternary, load_ternary, pack_model_
 from modeling_grin.conversion import ConversionError, convert_checkpoint
 from modeling_grin.experts import SwiGLUExperts
 
@@ -420,9 +420,7 @@ def test_packed_experts_whose_rows_are_not_a_multiple_of_four(implementation):
     assert (2 * experts.intermediate_dim % 4, experts.hidden_dim % 4) == (2, 2)
     model.set_experts_implementation(implementation)
     latent_logits = [model(ids(length=length)).logits for length in (9, 1)]
-    for module in model.modules():
-        if isinstance(module, SwiGLUExperts):
-            module.pack_ternary_()
+    pack_model_(model)
     assert experts.gate_up_proj_codes.shape[-2:] == (3, 6)
     for length, expected in zip((9, 1), latent_logits, strict=True):
         torch.testing.assert_close(model(ids(length=length)).logits, expected, rtol=0, atol=1e-6)

@@ -468,7 +468,7 @@ def test_an_old_output_that_cannot_be_deleted_is_left_for_the_next_run(grin, old
         convert_checkpoint(grin, destination, to="grinmoe", force=True)
     monkeypatch.undo()
     assert_is_output(destination, phimoe_tensors, "grinmoe")
-    (removing,) = [entry for entry in hidden_entries(tmp_path)]
+    (removing,) = hidden_entries(tmp_path)
     assert removing == f".out.removing-{os.getpid()}" and os.listdir(tmp_path / removing) == ["config.json"]
     assert caplog.messages == [f"could not remove all of {tmp_path / removing}; the next conversion to this "
                                "destination tries again"]
